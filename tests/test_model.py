@@ -1,0 +1,239 @@
+"""The composite model, its processor and the checkpoint layout, on tiny models built from configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
+
+import videollm  # noqa: F401  (registers the Auto classes)
+from videollm.data.processor import IGNORE_INDEX, SampleTooLongError
+from videollm.data.sampling import SamplingSpec
+from videollm.data.video import DecodedVideo
+from videollm.model.checkpoint import load_model, save_checkpoint
+from videollm.model.presets import build_tiny_model_and_processor, tiny_text_config, tiny_vision_config
+from videollm.model.trainable import TrainablePolicy, apply_trainable_policy
+
+PROJECTORS = ["mlp", "pool", "qformer"]
+
+
+def make_video(num_frames: int, seed: int = 0, size: int = 32) -> DecodedVideo:
+    generator = torch.Generator().manual_seed(seed)
+    frames = torch.randint(0, 256, (num_frames, 3, size, size), dtype=torch.uint8, generator=generator)
+    return DecodedVideo(
+        frames=frames,
+        indices=list(range(num_frames)),
+        timestamps=[i / 8 for i in range(num_frames)],
+        duration=num_frames / 8,
+        path=f"synthetic-{num_frames}",
+    )
+
+
+def conversation(question: str, answer: str, video: bool = True) -> list[dict]:
+    prefix = "<video>\n" if video else ""
+    return [{"role": "user", "content": prefix + question}, {"role": "assistant", "content": answer}]
+
+
+def mixed_batch(processor):
+    """A 4-frame video, an 8-frame video and a text-only sample in one batch."""
+    samples = [
+        processor.encode(conversation("What color?", "red"), [make_video(4, 1)], "four"),
+        processor.encode(conversation("Which way does it move?", "left"), [make_video(8, 2)], "eight"),
+        processor.encode(conversation("Say hi.", "hi", video=False), [], "text"),
+    ]
+    return samples, processor.collate([s.as_features() for s in samples])
+
+
+@pytest.fixture(params=PROJECTORS)
+def tiny(request):
+    torch.manual_seed(0)
+    return build_tiny_model_and_processor(request.param, sampling=SamplingSpec(num_frames=4))
+
+
+def test_forward_backward_generate_mixed_batch(tiny):
+    model, processor = tiny
+    samples, batch = mixed_batch(processor)
+    layout = model.config.visual_token_layout()
+    video_token = model.config.video_token_id
+    expected = [layout.count(4), layout.count(8), 0]
+    assert [s.input_ids.count(video_token) for s in samples] == expected
+    assert processor.layout == layout
+
+    model.train()
+    out = model(**batch)
+    produced = [f.shape[0] for f in model.model.get_video_features(batch["pixel_values_videos"], batch["video_num_frames"])]
+    assert produced == expected[:2]
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.model.projector.parameters().__next__().grad is not None
+
+    model.eval()
+    gen_batch = processor(
+        [conversation("What color?", "")[:1], conversation("Which way?", "")[:1], conversation("Hi", "", video=False)[:1]],
+        [[make_video(4, 1)], [make_video(8, 2)], []],
+    )
+    generated = model.generate(**gen_batch, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (3, gen_batch["input_ids"].shape[1] + 3)
+
+
+def test_batched_left_padded_generation_equals_single(tiny):
+    model, processor = tiny
+    model.eval()
+    prompts = [conversation("What color?", "")[:1], conversation("Which way does the red square move now?", "")[:1]]
+    videos = [[make_video(4, 1)], [make_video(4, 3)]]
+    batch = processor(prompts, videos)
+    batched = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1] :]
+    for i in range(2):
+        single = processor([prompts[i]], [videos[i]])
+        alone = model.generate(**single, max_new_tokens=4, do_sample=False)[:, single["input_ids"].shape[1] :]
+        assert torch.equal(alone[0], batched[i])
+
+
+def test_text_only_batch_still_runs_vision_tower(tiny):
+    model, processor = tiny
+    calls = []
+    model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    batch = processor.collate([processor.encode(conversation("Say hi.", "hi", video=False), []).as_features()])
+    model.train()
+    model(**batch).loss.backward()
+    assert calls == [1]
+    assert all(p.grad is not None for p in model.model.projector.parameters())
+
+
+@pytest.mark.parametrize("projector_type", PROJECTORS)
+def test_save_and_auto_load_gives_identical_logits(tmp_path, projector_type):
+    torch.manual_seed(0)
+    model, processor = build_tiny_model_and_processor(projector_type, sampling=SamplingSpec(fps=2.0, max_frames=6))
+    model.eval()
+    _, batch = mixed_batch(processor)
+    save_checkpoint(model, processor, tmp_path)
+
+    assert type(AutoConfig.from_pretrained(tmp_path)).__name__ == "VideoLLMConfig"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    reloaded_processor = AutoProcessor.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
+    assert reloaded_processor.spec == processor.spec
+    assert reloaded_processor.spec.fps == 2.0 and reloaded_processor.spec.frame_size == 32
+    assert reloaded_processor.layout == processor.layout
+    assert reloaded_processor.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+
+
+def test_label_masking_two_turns():
+    _, processor = build_tiny_model_and_processor("pool", sampling=SamplingSpec(num_frames=4))
+    tokenizer = processor.tokenizer
+    messages = [
+        {"role": "user", "content": "<video>\nWhat color?"},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "And the shape?"},
+        {"role": "assistant", "content": "a circle"},
+    ]
+    sample = processor.encode(messages, [make_video(4)])
+    visual = processor.layout.count(4)
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    video_id = processor.video_token_id
+    prompt_1 = ids("<|im_start|>user\n") + [video_id] * visual + ids("\nWhat color?<|im_end|>\n<|im_start|>assistant\n")
+    answer_1 = ids("red<|im_end|>\n")
+    prompt_2 = ids("<|im_start|>user\nAnd the shape?<|im_end|>\n<|im_start|>assistant\n")
+    answer_2 = ids("a circle<|im_end|>\n")
+    assert sample.input_ids == prompt_1 + answer_1 + prompt_2 + answer_2
+    expected_labels = [IGNORE_INDEX] * len(prompt_1) + answer_1 + [IGNORE_INDEX] * len(prompt_2) + answer_2
+    assert sample.labels == expected_labels
+
+
+def test_truncation_never_cuts_visual_tokens():
+    _, processor = build_tiny_model_and_processor("mlp", sampling=SamplingSpec(num_frames=4))
+    visual = processor.layout.count(4)
+    processor.max_length = visual  # the video fits only if nothing precedes it
+    with pytest.raises(SampleTooLongError, match=r"sample 'clip-7': \d+ tokens \(64 visual\) do not fit max_length=64"):
+        processor.encode(conversation("What color?", "red"), [make_video(4)], "clip-7")
+    processor.max_length = visual + 20
+    sample = processor.encode(conversation("What color is it " * 5 + "?", "red " * 30), [make_video(4)], "long-answer")
+    assert len(sample.input_ids) == visual + 20
+    assert sample.input_ids.count(processor.video_token_id) == visual
+
+
+def test_timestamps_in_prompt():
+    _, processor = build_tiny_model_and_processor("pool", sampling=SamplingSpec(num_frames=4))
+    processor.timestamps_in_prompt = True
+    sample = processor.encode(conversation("What color?", "red"), [make_video(4)])
+    text = processor.decode([t for t in sample.input_ids if t != processor.video_token_id])
+    assert "The video lasts 0.5 s; 4 frames sampled at 0.0s, 0.1s, 0.2s, 0.4s." in text
+
+
+@pytest.fixture
+def pretrained_parts(tmp_path):
+    """Tiny vision tower and LLM saved as if they were hub checkpoints."""
+    from transformers import AutoModel
+
+    from videollm.data.tokenizer import build_tiny_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tiny_tokenizer()
+    vision_dir, llm_dir = tmp_path / "siglip", tmp_path / "qwen"
+    AutoModel.from_config(tiny_vision_config("siglip")).save_pretrained(vision_dir)
+    # the tokenizer lacks nothing here; drop the video token to exercise "added and embeddings resized"
+    AutoModelForCausalLM.from_config(tiny_text_config(len(tokenizer) - 1)).save_pretrained(llm_dir)
+    tokenizer.save_pretrained(llm_dir)
+    return vision_dir, llm_dir
+
+
+def test_build_from_pretrained_parts_loads_their_weights(pretrained_parts):
+    from transformers import AutoModel
+
+    from videollm.model.builder import build_model_and_processor
+
+    vision_dir, llm_dir = pretrained_parts
+    model, processor = build_model_and_processor(str(vision_dir), str(llm_dir), projector_type="pool", pool_output_size=[4, 2, 2])
+    vision = AutoModel.from_pretrained(vision_dir)
+    llm = AutoModelForCausalLM.from_pretrained(llm_dir)
+    for name, value in vision.state_dict().items():
+        assert torch.equal(model.model.vision_tower.state_dict()[name], value)
+    assert torch.equal(model.model.language_model.layers[0].mlp.up_proj.weight, llm.model.layers[0].mlp.up_proj.weight)
+    assert model.get_input_embeddings().weight.shape[0] == len(processor.tokenizer)
+    assert not any(p.is_meta for p in model.parameters())
+
+
+def test_lora_trains_only_adapter_and_projector_then_round_trips(pretrained_parts, tmp_path):
+    from videollm.model.builder import build_model_and_processor
+
+    vision_dir, llm_dir = pretrained_parts
+    torch.manual_seed(0)
+    model, processor = build_model_and_processor(str(vision_dir), str(llm_dir), projector_type="mlp")
+    model = apply_trainable_policy(model, TrainablePolicy(llm="lora", lora_r=4))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any("vision_tower" in n for n in trainable)
+    assert all("lora_" in n or "projector" in n for n in trainable)
+    assert any("projector" in n for n in trainable)
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _, batch = mixed_batch(processor)
+    model.train()
+    model(**batch).loss.backward()
+    # LoRA B starts at zero, so A gets no gradient on the first step; a second step moves everything
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        optimizer.step()
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+    for name, param in model.named_parameters():
+        changed = not torch.equal(before[name], param.detach())
+        assert changed == (name in trainable), name
+
+    model.eval()
+    save_checkpoint(model, processor, tmp_path / "ckpt")
+    reloaded, reloaded_processor = load_model(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, reloaded(**batch).logits, atol=1e-6)
+    merged, _ = load_model(tmp_path / "ckpt", merge=True)
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, merged(**batch).logits, atol=1e-5)
+
+
+def test_lora_on_random_llm_is_refused():
+    model, _ = build_tiny_model_and_processor("mlp")
+    with pytest.raises(ValueError, match="llm: lora needs pretrained frozen parts"):
+        apply_trainable_policy(model, TrainablePolicy(llm="lora"))

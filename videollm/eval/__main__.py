@@ -1,0 +1,165 @@
+"""Evaluate a videollm checkpoint on conversation records: accuracy overall and by record type.
+
+    python -m videollm.eval --model DIR --data FILE --video_root DIR --output results.json [--shuffle_frames]
+
+The prompt is every turn before the last assistant turn; the last assistant turn is the reference. Per-sample
+predictions go to `<output stem>.predictions.jsonl` next to the summary. `--shuffle_frames` permutes each video's
+frames (timestamps in the prompt stay sorted): if accuracy on temporal questions does not drop, the model is not
+using frame order.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+from transformers import HfArgumentParser
+
+from videollm.data.dataset import record_messages
+from videollm.data.formats import ConversationRecord, DataValidationError, load_conversations, write_jsonl
+from videollm.data.video import DecodedVideo, VideoDecodeError
+from videollm.eval.scoring import is_correct
+from videollm.infer.generate import GenerationSettings, generate_answers
+from videollm.model.checkpoint import load_model
+
+
+@dataclass
+class EvalArguments:
+    model: str = field(metadata={"help": "videollm checkpoint directory (full or adapter)"})
+    data: str = field(metadata={"help": "records with reference answers (.jsonl, .json, .parquet)"})
+    output: str = field(metadata={"help": "summary JSON path; predictions are written next to it"})
+    video_root: str | None = field(default=None, metadata={"help": "directory relative video paths start from"})
+    batch_size: int = field(default=16, metadata={"help": "prompts per generate call"})
+    shuffle_frames: bool = field(default=False, metadata={"help": "permute frame order (temporal control)"})
+    seed: int = field(default=0, metadata={"help": "seed of the frame permutations"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N records"})
+
+
+def shuffled(video: DecodedVideo, rng: random.Random) -> DecodedVideo:
+    """The same frames in a random order that differs from the original (when there are 2+ distinct frames)."""
+    order = list(range(video.frames.shape[0]))
+    if len(order) > 1:
+        while order == sorted(order):
+            rng.shuffle(order)
+    return DecodedVideo(
+        frames=video.frames[torch.tensor(order)],
+        indices=[video.indices[i] for i in order],
+        timestamps=list(video.timestamps),
+        duration=video.duration,
+        path=video.path,
+    )
+
+
+def evaluate(
+    model: torch.nn.Module,
+    processor,
+    records: list[ConversationRecord],
+    settings: GenerationSettings,
+    batch_size: int = 16,
+    shuffle_frames: bool = False,
+    seed: int = 0,
+) -> tuple[dict, list[dict]]:
+    """Generate an answer for every record and score it; returns (summary, per-sample predictions)."""
+    rng = random.Random(seed)
+    predictions = []
+    for start in tqdm(range(0, len(records), batch_size), desc="evaluating", unit="batch"):
+        batch = records[start : start + batch_size]
+        prompts, videos, kept = [], [], []
+        for record in batch:
+            messages = record_messages(record)
+            last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            try:
+                decoded = [processor.load_video(v) for v in record.videos]
+            except VideoDecodeError as error:
+                predictions.append(_prediction(record, messages[last_answer]["content"], None, error=str(error)))
+                continue
+            if shuffle_frames:
+                decoded = [shuffled(v, rng) for v in decoded]
+            prompts.append(messages[:last_answer])
+            videos.append(decoded)
+            kept.append((record, messages[last_answer]["content"], decoded))
+        if not prompts:
+            continue
+        answers = generate_answers(model, processor, prompts, videos, settings)
+        for (record, reference, decoded), answer in zip(kept, answers):
+            predictions.append(_prediction(record, reference, answer[0], decoded=decoded))
+    return summarize(predictions), predictions
+
+
+def _prediction(record, reference, prediction, decoded=None, error=None) -> dict:
+    choices = record.meta.get("choices")
+    return {
+        "id": record.id,
+        "type": record.meta.get("type", "all"),
+        "prediction": prediction,
+        "reference": reference,
+        "correct": prediction is not None and is_correct(prediction, reference, choices),
+        "frame_indices": [list(v.indices) for v in decoded] if decoded else [],
+        "error": error,
+    }
+
+
+def summarize(predictions: list[dict]) -> dict:
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    for p in predictions:
+        by_type[p["type"]].append(p["correct"])
+    total = sum(p["correct"] for p in predictions)
+    return {
+        "accuracy": total / len(predictions) if predictions else 0.0,
+        "num_samples": len(predictions),
+        "num_errors": sum(p["error"] is not None for p in predictions),
+        "by_type": {
+            t: {"accuracy": sum(v) / len(v), "correct": sum(v), "total": len(v)} for t, v in sorted(by_type.items())
+        },
+    }
+
+
+def print_table(summary: dict, title: str) -> None:
+    table = Table(title=title)
+    for column in ("type", "accuracy", "correct", "total"):
+        table.add_column(column, justify="left" if column == "type" else "right")
+    for name, row in summary["by_type"].items():
+        table.add_row(name, f"{row['accuracy']:.1%}", str(row["correct"]), str(row["total"]))
+    table.add_row("all", f"{summary['accuracy']:.1%}", "", str(summary["num_samples"]), style="bold")
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = HfArgumentParser([EvalArguments, GenerationSettings])
+    args, settings = parser.parse_args_into_dataclasses(args=argv)
+    for name in ("model", "data"):
+        if not Path(getattr(args, name)).exists():
+            sys.exit(f"error: --{name}: {getattr(args, name)} does not exist")
+    try:
+        records = load_conversations(args.data, video_root=args.video_root)
+    except DataValidationError as error:
+        sys.exit(f"error: invalid evaluation data:\n{error}")
+    records = records[: args.limit] if args.limit else records
+    model, processor = load_model(args.model)
+
+    summary, predictions = evaluate(model, processor, records, settings, args.batch_size, args.shuffle_frames, args.seed)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    predictions_path = output.with_name(output.stem + ".predictions.jsonl")
+    write_jsonl(predictions_path, predictions)
+    summary.update(
+        model=args.model,
+        data=args.data,
+        shuffle_frames=args.shuffle_frames,
+        sampling=processor.spec.to_dict(),
+        predictions_file=str(predictions_path),
+    )
+    output.write_text(json.dumps(summary, indent=2))
+    print_table(summary, f"{args.model} on {args.data}" + (" (frames shuffled)" if args.shuffle_frames else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Builders: a videollm model and its processor from named parts, configs, or a saved checkpoint.
+
+`build_model_and_processor` is the one entry point recipes use. A part given as a string is a hub name or a local
+directory loaded with its pretrained weights; a part given as a config is built with random weights (tests, demo).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+from videollm.data.processor import CLIP_MEAN_STD, SIGLIP_MEAN_STD, VideoLLMProcessor
+from videollm.data.sampling import SamplingSpec
+from videollm.data.tokenizer import VIDEO_TOKEN
+from videollm.model.configuration import VideoLLMConfig
+from videollm.model.modeling import VideoLLMForConditionalGeneration
+from videollm.model.projectors import build_projector
+
+
+def resolve_vision_config(vision: str | PretrainedConfig) -> PretrainedConfig:
+    """The vision-tower config of a name/path or config; a full CLIP/SigLIP model contributes its vision half."""
+    config = AutoConfig.from_pretrained(vision) if isinstance(vision, (str, Path)) else vision
+    return getattr(config, "vision_config", None) or config
+
+
+def _load_vision_tower(vision: str | PretrainedConfig, config: PretrainedConfig, dtype: torch.dtype | None):
+    if not isinstance(vision, (str, Path)):
+        return AutoModel.from_config(config)
+    tower_class = MODEL_MAPPING[type(config)]
+    return tower_class.from_pretrained(str(vision), config=config, dtype=dtype)
+
+
+def _vision_mean_std(vision: str | PretrainedConfig, config: PretrainedConfig) -> tuple[list[float], list[float]]:
+    if isinstance(vision, (str, Path)) and (Path(vision) / "preprocessor_config.json").is_file():
+        values = json.loads((Path(vision) / "preprocessor_config.json").read_text())
+        if "image_mean" in values and "image_std" in values:
+            return values["image_mean"], values["image_std"]
+    mean, std = CLIP_MEAN_STD if config.model_type.startswith("clip") else SIGLIP_MEAN_STD
+    return list(mean), list(std)
+
+
+def resize_vocab_deterministically(model: VideoLLMForConditionalGeneration, vocab_size: int) -> None:
+    """Grow the embeddings to `vocab_size`, new rows set to the mean of the old ones.
+
+    transformers samples new rows at random; a mean keeps a LoRA checkpoint's rebuilt base bit-identical to the
+    base it was trained on.
+    """
+    old_size = model.get_input_embeddings().weight.shape[0]
+    if vocab_size <= old_size:
+        return
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        for weights in {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
+            weights[old_size:] = weights[:old_size].mean(0, keepdim=True)
+    model.config.text_config.vocab_size = vocab_size
+
+
+def build_model_and_processor(
+    vision: str | PretrainedConfig,
+    text: str | PretrainedConfig,
+    tokenizer: Any = None,
+    projector_type: str = "mlp",
+    sampling: SamplingSpec | None = None,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    processor_kwargs: dict | None = None,
+    **config_kwargs: Any,
+) -> tuple[VideoLLMForConditionalGeneration, VideoLLMProcessor]:
+    """Assemble a new video LLM from a vision tower, a projector (fresh) and a causal LM.
+
+    `tokenizer` is a tokenizer object or name/path (default: the LLM's). The video placeholder is added to it when
+    missing and the embeddings grow to match. `sampling.frame_size` is set to the vision tower's input size.
+    """
+    vision_config = resolve_vision_config(vision)
+    text_config = AutoConfig.from_pretrained(text) if isinstance(text, (str, Path)) else text
+    if tokenizer is None or isinstance(tokenizer, (str, Path)):
+        source = tokenizer or text
+        if not isinstance(source, (str, Path)):
+            raise ValueError("tokenizer: required when the LLM is given as a config (no checkpoint to take it from)")
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    if VIDEO_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [VIDEO_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    config = VideoLLMConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        projector_type=projector_type,
+        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+        vision_name_or_path=str(vision) if isinstance(vision, (str, Path)) else None,
+        text_name_or_path=str(text) if isinstance(text, (str, Path)) else None,
+        **config_kwargs,
+    )
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    model = _assemble(config, vision, text, dtype)
+    resize_vocab_deterministically(model, len(tokenizer))
+
+    mean, std = _vision_mean_std(vision, vision_config)
+    sampling = sampling or SamplingSpec()
+    sampling_dict = {**sampling.to_dict(), "frame_size": config.frame_size}
+    processor = VideoLLMProcessor(
+        tokenizer,
+        sampling=sampling_dict,
+        token_layout=config.visual_token_layout().to_dict(),
+        image_mean=mean,
+        image_std=std,
+        video_token=VIDEO_TOKEN,
+        **(processor_kwargs or {}),
+    )
+    return model, processor
+
+
+def _assemble(
+    config: VideoLLMConfig, vision: str | PretrainedConfig, text: str | PretrainedConfig, dtype: torch.dtype | None
+) -> VideoLLMForConditionalGeneration:
+    """Skeleton on the meta device, then the real parts slotted in: no weights are allocated twice."""
+    with torch.device("meta"):
+        model = VideoLLMForConditionalGeneration(config)
+    model.model.vision_tower = _load_vision_tower(vision, config.vision_config, dtype)
+    if isinstance(text, (str, Path)):
+        llm = AutoModelForCausalLM.from_pretrained(str(text), config=config.text_config, dtype=dtype)
+    else:
+        llm = AutoModelForCausalLM.from_config(config.text_config, dtype=dtype)
+    model.model.language_model = getattr(llm, llm.base_model_prefix)
+    model.lm_head = llm.get_output_embeddings()
+    model.model.projector = build_projector(config)
+    if dtype is not None:
+        model.model.projector.to(dtype)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.get_input_embeddings().weight
+    return model

@@ -1,0 +1,90 @@
+"""The checkpoint layout, in one place.
+
+A checkpoint directory always holds the processor and `config.json`, plus either
+- the full model (`model.safetensors`), loadable with `AutoModelForCausalLM.from_pretrained(dir)`, or
+- a PEFT adapter (`adapter_config.json` + `adapter_model.safetensors`: LoRA weights and every tuned non-LoRA part,
+  such as the projector). Its frozen base is rebuilt from the pretrained sources recorded in the config
+  (`vision_name_or_path` + `text_name_or_path`) or from the videollm checkpoint named in the adapter config.
+`load_model(dir)` reads both kinds in one call.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from videollm.data.processor import VideoLLMProcessor
+from videollm.model.configuration import VideoLLMConfig
+from videollm.model.modeling import VideoLLMForConditionalGeneration
+from videollm.model.trainable import unwrap
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def save_checkpoint(
+    model: nn.Module, processor: VideoLLMProcessor | None, output_dir: str | Path, state_dict: dict | None = None
+) -> None:
+    """Write the model (full or adapter), its videollm config and the processor to `output_dir`.
+
+    state_dict: the gathered weights when the live ones are sharded (DeepSpeed ZeRO-3, FSDP).
+    """
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir, state_dict=state_dict)
+    unwrap(model).config.save_pretrained(output_dir)
+    if processor is not None:
+        processor.save_pretrained(output_dir)
+
+
+def is_adapter_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def _load_base(path: Path, dtype: torch.dtype | None) -> VideoLLMForConditionalGeneration:
+    from videollm.model.builder import _assemble, resize_vocab_deterministically
+
+    base_path = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if base_path and (Path(base_path) / "config.json").is_file() and not is_adapter_checkpoint(base_path):
+        return VideoLLMForConditionalGeneration.from_pretrained(base_path, dtype=dtype)
+    config = VideoLLMConfig.from_pretrained(path)
+    if config.vision_name_or_path is None or config.text_name_or_path is None:
+        raise ValueError(
+            f"{path}: adapter checkpoint without a loadable base: its config names no pretrained vision tower / LLM "
+            f"and base_model_name_or_path={base_path!r} is not a videollm checkpoint"
+        )
+    vocab_size = config.text_config.vocab_size
+    model = _assemble(config, config.vision_name_or_path, config.text_name_or_path, dtype)
+    resize_vocab_deterministically(model, vocab_size)
+    return model
+
+
+def load_model(
+    path: str | Path, dtype: torch.dtype | None = None, merge: bool = False, trainable: bool = False
+) -> tuple[nn.Module, VideoLLMProcessor]:
+    """Load a videollm checkpoint (full or adapter) and its processor.
+
+    merge: fold a LoRA adapter into the weights and return a plain model (for export and fast inference).
+    trainable: keep adapter weights trainable (to continue training); otherwise the model is in eval mode.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a videollm checkpoint (no config.json)")
+    processor = VideoLLMProcessor.from_pretrained(path)
+    if is_adapter_checkpoint(path):
+        model = PeftModel.from_pretrained(_load_base(path, dtype), path, is_trainable=trainable)
+        if merge:
+            model = model.merge_and_unload()
+    else:
+        model = VideoLLMForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    if not trainable:
+        model.eval()
+    return model, processor
+
+
+def export_merged(path: str | Path, output_dir: str | Path) -> None:
+    """Write a merged, adapter-free copy of a checkpoint that the Auto classes load directly."""
+    model, processor = load_model(path, merge=True)
+    save_checkpoint(model, processor, output_dir)

@@ -1,0 +1,202 @@
+"""The videollm model: a transformers vision tower, a projector and a transformers causal LM, in the HF VLM layout.
+
+Layout (the one TRL's trainers expect): `VideoLLMForConditionalGeneration.model` is a `VideoLLMModel` that returns
+`.last_hidden_state`, and `lm_head` sits on top, so TRL can call `model.model(**batch)` and apply the LM head itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from videollm.model.configuration import VideoLLMConfig
+from videollm.model.projectors import build_projector
+
+
+@dataclass
+class VideoLLMModelOutput(BaseModelOutputWithPast):
+    video_features: list[torch.Tensor] | None = None
+
+
+class VideoLLMPreTrainedModel(PreTrainedModel):
+    config: VideoLLMConfig
+    config_class = VideoLLMConfig
+    base_model_prefix = "model"
+    input_modalities = ("video", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _no_split_modules = []
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+
+class VideoLLMModel(VideoLLMPreTrainedModel):
+    """Vision tower + projector + decoder-only LM body; returns hidden states, not logits."""
+
+    def __init__(self, config: VideoLLMConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.projector = build_projector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor, video_num_frames: torch.Tensor | list[int]) -> list[torch.Tensor]:
+        """Encode all frames of all videos in one vision pass; return one (tokens, hidden) tensor per video."""
+        num_frames = [int(n) for n in video_num_frames]
+        if sum(num_frames) != pixel_values_videos.shape[0]:
+            raise ValueError(
+                f"video_num_frames sums to {sum(num_frames)} but pixel_values_videos holds {pixel_values_videos.shape[0]} frames"
+            )
+        vision_dtype = next(self.vision_tower.parameters()).dtype
+        vision_out = self.vision_tower(pixel_values=pixel_values_videos.to(vision_dtype), output_hidden_states=True)
+        features = vision_out.hidden_states[self.config.vision_feature_layer]
+        if self.config.vision_has_cls_token:
+            features = features[:, 1:]
+        projector_dtype = next(self.projector.parameters()).dtype
+        return self.projector(features.to(projector_dtype), num_frames)
+
+    def _dummy_video_features(self, like: torch.Tensor) -> torch.Tensor:
+        """Run the vision path on one blank frame so every rank touches the same parameters (ZeRO-3/FSDP
+        gather them collectively; a rank that skipped the tower would hang the others)."""
+        size = self.config.frame_size
+        blank = like.new_zeros(1, 3, size, size)
+        return torch.cat(self.get_video_features(blank, [1])).sum()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_num_frames: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> VideoLLMModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        video_features = None
+        if pixel_values_videos is not None:
+            if video_num_frames is None:
+                raise ValueError("pixel_values_videos needs video_num_frames (frames per video, in order)")
+            video_features = self.get_video_features(pixel_values_videos, video_num_frames)
+            inputs_embeds = self._scatter_video_features(input_ids, inputs_embeds, video_features)
+        elif self.training and torch.is_grad_enabled():
+            inputs_embeds = inputs_embeds + 0.0 * self._dummy_video_features(inputs_embeds).to(inputs_embeds.dtype)
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return VideoLLMModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            video_features=video_features,
+        )
+
+    def _scatter_video_features(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, video_features: list[torch.Tensor]
+    ) -> torch.Tensor:
+        if input_ids is None:
+            raise ValueError("pixel_values_videos needs input_ids to locate the video placeholder tokens")
+        placeholder = input_ids == self.config.video_token_id
+        features = torch.cat(video_features).to(inputs_embeds.device, inputs_embeds.dtype)
+        if int(placeholder.sum()) != features.shape[0]:
+            raise ValueError(
+                f"the batch has {int(placeholder.sum())} video placeholder tokens but the projector produced "
+                f"{features.shape[0]} visual tokens ({[f.shape[0] for f in video_features]} per video); "
+                "encode inputs with the processor saved with this model"
+            )
+        return inputs_embeds.masked_scatter(placeholder.unsqueeze(-1), features)
+
+
+class VideoLLMForConditionalGeneration(VideoLLMPreTrainedModel, GenerationMixin):
+    """The trainable, generating video LLM: `VideoLLMModel` plus the LM head."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: VideoLLMConfig):
+        super().__init__(config)
+        self.model = VideoLLMModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.lm_head = new_embeddings
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor, video_num_frames: torch.Tensor | list[int]) -> list[torch.Tensor]:
+        return self.model.get_video_features(pixel_values_videos, video_num_frames)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_num_frames: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            pixel_values_videos=pixel_values_videos,
+            video_num_frames=video_num_frames,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )

@@ -1,0 +1,82 @@
+"""Which parts of a video LLM train: the vision tower, the projector and the LLM, each on its own switch.
+
+LoRA goes on the LLM's linear layers only (SigLIP/CLIP share the names q_proj/k_proj/..., so a plain name list would
+also hit the vision tower); tuned non-LoRA parts ride along as PEFT `modules_to_save`, so an adapter checkpoint holds
+everything that changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from videollm.model.modeling import VideoLLMForConditionalGeneration
+
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TrainablePolicy:
+    """What trains. `llm="lora"` keeps the LLM frozen under a LoRA adapter; `full` trains all of it."""
+
+    vision: Literal["frozen", "full"] = field(default="frozen", metadata={"help": "vision tower: frozen | full"})
+    projector: Literal["full", "frozen"] = field(default="full", metadata={"help": "projector: full | frozen"})
+    llm: Literal["lora", "full", "frozen"] = field(default="lora", metadata={"help": "LLM: lora | full | frozen"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS), metadata={"help": "LLM linear layers that get LoRA"}
+    )
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("vision", ("frozen", "full")), ("projector", ("full", "frozen")), ("llm", ("lora", "full", "frozen"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {' | '.join(allowed)}")
+
+    def lora_config(self) -> LoraConfig:
+        modules_to_save = [name for name, part in (("projector", self.projector), ("vision_tower", self.vision)) if part == "full"]
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=rf".*\.language_model\..*\.({'|'.join(self.lora_target_modules)})",
+            modules_to_save=modules_to_save or None,
+            task_type="CAUSAL_LM",
+        )
+
+
+def apply_trainable_policy(model: VideoLLMForConditionalGeneration, policy: TrainablePolicy) -> nn.Module:
+    """Set requires_grad per part; with `llm="lora"` return the PEFT-wrapped model.
+
+    A LoRA checkpoint stores only what trains, so every frozen part must be rebuildable from a pretrained source:
+    a randomly initialised frozen part is refused here rather than silently lost at save time.
+    """
+    if policy.llm == "lora":
+        unnamed = []
+        if model.config.text_name_or_path is None and not model.name_or_path:
+            unnamed.append("the LLM (text config without a checkpoint)")
+        if policy.vision == "frozen" and model.config.vision_name_or_path is None and not model.name_or_path:
+            unnamed.append("the frozen vision tower (vision config without a checkpoint)")
+        if unnamed:
+            raise ValueError(
+                f"llm: lora needs pretrained frozen parts, but {' and '.join(unnamed)} would be random weights that an "
+                "adapter checkpoint cannot restore; start from checkpoints (model_name_or_path, or vision/llm names) "
+                "or train randomly initialised parts with llm: full / vision: full"
+            )
+    model.model.vision_tower.requires_grad_(policy.vision == "full")
+    model.model.projector.requires_grad_(policy.projector == "full")
+    llm_trains = policy.llm == "full"
+    model.model.language_model.requires_grad_(llm_trains)
+    model.lm_head.requires_grad_(llm_trains)
+    if policy.llm != "lora":
+        return model
+    return get_peft_model(model, policy.lora_config())
+
+
+def unwrap(model: nn.Module) -> VideoLLMForConditionalGeneration:
+    """The VideoLLM under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model

@@ -1,0 +1,136 @@
+"""Recipe configuration: dataclasses shared by every recipe, parsed from one YAML file plus CLI overrides.
+
+The model and data keys are the same in SFT, DPO and self-training; each recipe adds its trainer's config (TRL's
+or transformers') as the last dataclass. `parse_config` turns bad input into one clear line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl import TrlParser
+
+from videollm.data.sampling import SamplingSpec
+from videollm.model.trainable import TrainablePolicy
+
+
+@dataclass
+class ModelArguments:
+    """Which model to start from and what trains."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "a saved videollm checkpoint to start from (full or adapter)"}
+    )
+    vision_name_or_path: str | None = field(
+        default=None, metadata={"help": "vision tower to build a new model from (hub name or dir), e.g. google/siglip-so400m-patch14-384"}
+    )
+    llm_name_or_path: str | None = field(
+        default=None, metadata={"help": "LLM to build a new model from (hub name or dir), e.g. Qwen/Qwen2.5-7B-Instruct"}
+    )
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "tokenizer (default: the LLM's)"})
+    tiny: bool = field(
+        default=False, metadata={"help": "build a tiny random model and tokenizer from configs (demo, tests); no downloads"}
+    )
+    tiny_image_size: int = field(default=32, metadata={"help": "frame side of the tiny vision tower"})
+    projector_type: str = field(default="mlp", metadata={"help": "mlp | pool | qformer"})
+    pool_output_size: list[int] = field(
+        default_factory=lambda: [16, 12, 12], metadata={"help": "pool projector output (frames cap, height, width)"}
+    )
+    num_query_tokens: int = field(default=32, metadata={"help": "qformer projector: visual tokens per video"})
+    vision_feature_layer: int = field(default=-2, metadata={"help": "vision hidden layer used as features"})
+    tune_vision: str = field(default="frozen", metadata={"help": "vision tower: frozen | full"})
+    tune_projector: str = field(default="full", metadata={"help": "projector: full | frozen"})
+    tune_llm: str = field(default="lora", metadata={"help": "LLM: lora | full | frozen"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa | eager | flash_attention_2"})
+    model_dtype: str | None = field(default=None, metadata={"help": "weights dtype: float32 | bfloat16 | float16"})
+
+    def __post_init__(self) -> None:
+        sources = [bool(self.model_name_or_path), bool(self.vision_name_or_path or self.llm_name_or_path), self.tiny]
+        if sum(sources) != 1:
+            raise ValueError(
+                "model: give exactly one of model_name_or_path, vision_name_or_path + llm_name_or_path, or tiny: true"
+            )
+        if bool(self.vision_name_or_path) != bool(self.llm_name_or_path):
+            raise ValueError("model: vision_name_or_path and llm_name_or_path go together")
+        self.policy()
+
+    def policy(self) -> TrainablePolicy:
+        return TrainablePolicy(
+            vision=self.tune_vision,
+            projector=self.tune_projector,
+            llm=self.tune_llm,
+            lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+        )
+
+    def torch_dtype(self) -> torch.dtype | None:
+        return getattr(torch, self.model_dtype) if self.model_dtype else None
+
+
+@dataclass
+class DataArguments:
+    """Where the data is and how videos become frames."""
+
+    train_file: str | None = field(default=None, metadata={"help": "training records: .jsonl, .json or .parquet"})
+    eval_file: str | None = field(default=None, metadata={"help": "evaluation records (same formats)"})
+    video_root: str | None = field(default=None, metadata={"help": "directory that relative video paths start from"})
+    num_frames: int | None = field(
+        default=None, metadata={"help": "uniformly sampled frames per video (default: the checkpoint's spec, else 8)"}
+    )
+    fps: float | None = field(default=None, metadata={"help": "sample at this rate instead (set num_frames to null)"})
+    max_frames: int | None = field(default=None, metadata={"help": "cap on frames when sampling by fps"})
+    timestamps_in_prompt: bool = field(default=False, metadata={"help": "tell the model when each frame was taken"})
+    max_length: int | None = field(default=None, metadata={"help": "longest token sequence; visual tokens are never cut"})
+    decode_backend: str = field(default="auto", metadata={"help": "auto | torchcodec | decord | pyav"})
+    decode_timeout: float = field(default=60.0, metadata={"help": "seconds one video may take to decode"})
+
+    def __post_init__(self) -> None:
+        for name in ("train_file", "eval_file", "video_root"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).exists():
+                raise ValueError(f"{name}: {value} does not exist")
+        self.sampling_spec()
+
+    def sampling_spec(self) -> SamplingSpec | None:
+        """The spec these keys ask for, or None when they leave the model's saved spec alone."""
+        if self.num_frames is None and self.fps is None:
+            return None
+        return SamplingSpec(num_frames=self.num_frames if self.fps is None else None, fps=self.fps, max_frames=self.max_frames)
+
+    def processor_overrides(self) -> dict[str, Any]:
+        return {
+            "timestamps_in_prompt": self.timestamps_in_prompt,
+            "max_length": self.max_length,
+            "backend": self.decode_backend,
+            "decode_timeout": self.decode_timeout,
+        }
+
+
+def parse_config(dataclass_types: Sequence[type], args: Sequence[str] | None = None) -> tuple[Any, ...]:
+    """Parse `--config FILE.yaml` plus `--key value` overrides into the dataclasses; exit with one line on bad input."""
+    parser = TrlParser(list(dataclass_types))
+    argv = list(args) if args is not None else sys.argv[1:]
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv) or not Path(argv[index + 1]).is_file():
+            _fail(f"--config: file not found: {argv[index + 1] if index + 1 < len(argv) else '(missing)'}")
+    try:
+        return tuple(parser.parse_args_and_config(argv))
+    except SystemExit:
+        raise
+    except (ValueError, TypeError, KeyError) as error:
+        _fail(str(error).splitlines()[0] if str(error) else repr(error))
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)

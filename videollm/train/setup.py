@@ -1,0 +1,60 @@
+"""From recipe config to a ready-to-train model and processor: the part every recipe shares."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from videollm.data.processor import VideoLLMProcessor
+from videollm.data.sampling import SamplingSpec
+from videollm.model.builder import build_model_and_processor
+from videollm.model.checkpoint import is_adapter_checkpoint, load_model
+from videollm.model.presets import build_tiny_model_and_processor
+from videollm.model.trainable import apply_trainable_policy
+from videollm.train.config import DataArguments, ModelArguments
+
+logger = logging.getLogger(__name__)
+DEFAULT_SAMPLING = SamplingSpec(num_frames=8)
+
+
+def load_or_build(model_args: ModelArguments, data_args: DataArguments) -> tuple[nn.Module, VideoLLMProcessor]:
+    """Build a new model (tiny, or from a vision tower + an LLM) or load a checkpoint, then apply the trainable policy.
+
+    A checkpoint keeps its saved sampling spec unless the data keys ask for another one.
+    """
+    requested = data_args.sampling_spec()
+    architecture = {
+        "projector_type": model_args.projector_type,
+        "pool_output_size": model_args.pool_output_size,
+        "num_query_tokens": model_args.num_query_tokens,
+        "vision_feature_layer": model_args.vision_feature_layer,
+    }
+    continue_adapter = False
+    if model_args.tiny:
+        model, processor = build_tiny_model_and_processor(
+            sampling=requested or DEFAULT_SAMPLING, image_size=model_args.tiny_image_size, **architecture
+        )
+    elif model_args.model_name_or_path:
+        continue_adapter = is_adapter_checkpoint(model_args.model_name_or_path) and model_args.tune_llm == "lora"
+        model, processor = load_model(
+            model_args.model_name_or_path, dtype=model_args.torch_dtype(), trainable=continue_adapter, merge=not continue_adapter
+        )
+        if requested is not None and requested != processor.spec:
+            logger.warning("sampling spec %s replaces the checkpoint's %s", requested, processor.spec)
+            processor.sampling = {**requested.to_dict(), "frame_size": processor.spec.frame_size}
+    else:
+        model, processor = build_model_and_processor(
+            model_args.vision_name_or_path,
+            model_args.llm_name_or_path,
+            tokenizer=model_args.tokenizer_name_or_path,
+            sampling=requested or DEFAULT_SAMPLING,
+            dtype=model_args.torch_dtype(),
+            attn_implementation=model_args.attn_implementation,
+            **architecture,
+        )
+    for key, value in data_args.processor_overrides().items():
+        setattr(processor, key, value)
+    if not continue_adapter:
+        model = apply_trainable_policy(model, model_args.policy())
+    return model, processor
