@@ -150,9 +150,13 @@ def test_truncation_never_cuts_visual_tokens():
     processor.max_length = visual  # the video fits only if nothing precedes it
     with pytest.raises(SampleTooLongError, match=r"sample 'clip-7': \d+ tokens \(64 visual\) do not fit max_length=64"):
         processor.encode(conversation("What color?", "red"), [make_video(4)], "clip-7")
-    processor.max_length = visual + 20
-    sample = processor.encode(conversation("What color is it " * 5 + "?", "red " * 30), [make_video(4)], "long-answer")
-    assert len(sample.input_ids) == visual + 20
+    processor.max_length = None
+    full = processor.encode(conversation("What color?", "red " * 30), [make_video(4)], "long-answer")
+    first_answer = next(i for i, label in enumerate(full.labels) if label != IGNORE_INDEX)
+    processor.max_length = first_answer + 5
+    sample = processor.encode(conversation("What color?", "red " * 30), [make_video(4)], "long-answer")
+    assert sample.input_ids == full.input_ids[: first_answer + 5]
+    assert sample.labels == full.labels[: first_answer + 5]
     assert sample.input_ids.count(processor.video_token_id) == visual
 
 

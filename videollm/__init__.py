@@ -3,7 +3,9 @@
 Importing the package registers the model, config and processor with transformers' Auto classes.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+from videollm.data.processor import VideoLLMProcessor
 
 from videollm.model.configuration import VideoLLMConfig
 from videollm.model.modeling import VideoLLMForConditionalGeneration, VideoLLMModel
@@ -12,5 +14,6 @@ AutoConfig.register(VideoLLMConfig.model_type, VideoLLMConfig, exist_ok=True)
 AutoModel.register(VideoLLMConfig, VideoLLMModel, exist_ok=True)
 AutoModelForCausalLM.register(VideoLLMConfig, VideoLLMForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(VideoLLMConfig, VideoLLMForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(VideoLLMConfig, VideoLLMProcessor, exist_ok=True)
 
-__all__ = ["VideoLLMConfig", "VideoLLMForConditionalGeneration", "VideoLLMModel"]
+__all__ = ["VideoLLMConfig", "VideoLLMForConditionalGeneration", "VideoLLMModel", "VideoLLMProcessor"]

@@ -6,6 +6,7 @@ directory loaded with its pretrained weights; a part given as a config is built 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,12 @@ def _assemble(
         model = VideoLLMForConditionalGeneration(config)
     model.model.vision_tower = _load_vision_tower(vision, config.vision_config, dtype)
     if isinstance(text, (str, Path)):
-        llm = AutoModelForCausalLM.from_pretrained(str(text), config=config.text_config, dtype=dtype)
+        # The checkpoint's embeddings have its own vocabulary size; the caller grows them to the tokenizer's.
+        checkpoint_config = copy.deepcopy(config.text_config)
+        checkpoint_config.vocab_size = AutoConfig.from_pretrained(str(text)).vocab_size
+        llm = AutoModelForCausalLM.from_pretrained(str(text), config=checkpoint_config, dtype=dtype)
+        llm.config = config.text_config
+        getattr(llm, llm.base_model_prefix).config = config.text_config
     else:
         llm = AutoModelForCausalLM.from_config(config.text_config, dtype=dtype)
     model.model.language_model = getattr(llm, llm.base_model_prefix)
