@@ -13,7 +13,7 @@ from transformers import TrainingArguments
 from videollm.data.dataset import ConversationDataset, VideoCollator
 from videollm.data.formats import DataValidationError, load_conversations
 from videollm.train.config import DataArguments, ModelArguments, parse_config
-from videollm.train.setup import load_or_build
+from videollm.train.setup import load_or_build, run_summary
 from videollm.train.sft import VideoSFTTrainer
 
 
@@ -40,6 +40,8 @@ def main() -> None:
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+    print(run_summary(trainer), flush=True)
     if trainer.is_world_process_zero():
         print(f"saved model to {training_args.output_dir}")
 

@@ -10,6 +10,7 @@ import videollm  # noqa: F401  (registers the Auto classes)
 from videollm.data.processor import IGNORE_INDEX, SampleTooLongError
 from videollm.data.sampling import SamplingSpec
 from videollm.data.video import DecodedVideo
+from videollm.export import main as export_main
 from videollm.model.checkpoint import load_model, save_checkpoint
 from videollm.model.presets import build_tiny_model_and_processor, tiny_text_config, tiny_vision_config
 from videollm.model.trainable import TrainablePolicy, apply_trainable_policy
@@ -235,6 +236,13 @@ def test_lora_trains_only_adapter_and_projector_then_round_trips(pretrained_part
     merged, _ = load_model(tmp_path / "ckpt", merge=True)
     with torch.no_grad():
         assert torch.allclose(model(**batch).logits, merged(**batch).logits, atol=1e-5)
+
+    export_main(["--model", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "merged")])
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert AutoProcessor.from_pretrained(tmp_path / "merged").spec == processor.spec
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, exported(**batch).logits, atol=1e-5)
 
 
 def test_lora_on_random_llm_is_refused():

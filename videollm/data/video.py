@@ -97,7 +97,21 @@ def _read_decord(path: str, indices: Sequence[int]) -> np.ndarray:
     import decord
 
     reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-    return reader.get_batch(list(indices)).asnumpy()
+    decord_keys = np.asarray(reader.get_key_indices(), dtype=np.int64)
+    if np.array_equal(decord_keys, _probe(path).keyframes):
+        return reader.get_batch(list(indices)).asnumpy()
+    # decord numbers keyframes by decode order. With open GOPs (frames shown before their keyframe but decoded after
+    # it, e.g. MPEG-4 Part 2 with B-frames, x264 --open-gop) that is not their frame number, and every seek of decord
+    # lands on the wrong frame. decord seeks only when a read crosses one of its keyframe numbers `k` from before
+    # `k - 1`, so also reading each frame `k - 1` makes it decode the file from the start without a single seek.
+    wanted = set(int(i) for i in indices)
+    last = max(wanted)
+    frames: list[np.ndarray] = []
+    for i in sorted(wanted | {int(k) - 1 for k in decord_keys if 0 < k <= last}):
+        frame = reader[i].asnumpy()
+        if i in wanted:
+            frames.append(frame)
+    return np.stack(frames)
 
 
 def _read_pyav(path: str, indices: Sequence[int]) -> np.ndarray:
@@ -192,6 +206,7 @@ class _StreamIndex:
     pts: np.ndarray  # int64 PTS of every frame, sorted (presentation order)
     gop: np.ndarray  # for every frame in presentation order, the number of the GOP it is decoded in
     gop_seek: np.ndarray  # for every GOP, a timestamp to seek to that lands on or before its keyframe
+    keyframes: np.ndarray  # frame number (presentation order) of every keyframe packet, in decode order
     timestamps: np.ndarray  # seconds from the first frame
     duration: float
 
@@ -209,6 +224,7 @@ def _scan(container: av.container.InputContainer, stream: av.video.stream.VideoS
     pts: list[int] = []
     gop: list[int] = []
     gop_seek: list[int] = []
+    key_pts: list[int] = []
     last_duration = 0
     n_packets = 0
     try:
@@ -224,6 +240,8 @@ def _scan(container: av.container.InputContainer, stream: av.video.stream.VideoS
             timestamp = packet.pts if packet.pts is not None else packet.dts
             if timestamp is None:
                 raise VideoDecodeError(path, "video packets carry no timestamps")
+            if packet.is_keyframe:
+                key_pts.append(timestamp)
             if packet.is_keyframe or not gop_seek:
                 gop_seek.append(packet.dts if packet.dts is not None else timestamp)
             pts.append(timestamp)
@@ -265,6 +283,7 @@ def _scan(container: av.container.InputContainer, stream: av.video.stream.VideoS
         pts=sorted_pts,
         gop=np.asarray(gop, dtype=np.int64)[order],
         gop_seek=np.asarray(gop_seek, dtype=np.int64),
+        keyframes=np.searchsorted(sorted_pts, np.asarray(key_pts, dtype=np.int64)),
         timestamps=timestamps,
         duration=duration,
     )
@@ -653,6 +672,8 @@ _ENCODER_OPTIONS = {
     "libvpx-vp9": {"crf": "30", "b": "0", "deadline": "realtime", "cpu-used": "8"},
 }
 _VFR_TIME_BASE = Fraction(1, 90000)
+# MPEG-4 Part 2 codes the time base denominator in 16 bits (at most 65535).
+_VFR_TIME_BASE_MPEG4 = Fraction(1, 60000)
 
 
 def write_video(
@@ -671,7 +692,8 @@ def write_video(
         fps: frame rate of a constant-frame-rate clip (the nominal rate when `timestamps` is given).
         codec: ``"libx264"`` (h264), ``"mpeg4"`` or ``"libvpx-vp9"``; all yuv420p.
         timestamps: presentation time of each frame in seconds, strictly increasing, for a variable-frame-rate
-            clip (stored at 1/90000 s in MP4/MKV, at 1 ms in WebM). Read back relative to the first frame.
+            clip (encoded at 1/90000 s, 1/60000 s for mpeg4; MKV and WebM store them at 1 ms). Read back
+            relative to the first frame.
     """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
@@ -689,10 +711,10 @@ def write_video(
     else:
         if len(timestamps) != len(frames):
             raise ValueError(f"write_video: {len(timestamps)} timestamps for {len(frames)} frames")
-        time_base = _VFR_TIME_BASE
+        time_base = _VFR_TIME_BASE_MPEG4 if codec == "mpeg4" else _VFR_TIME_BASE
         pts = [round(float(t) / time_base) for t in timestamps]
         if pts[0] < 0 or any(b <= a for a, b in zip(pts, pts[1:])):
-            raise ValueError("write_video: timestamps must be >= 0 and strictly increasing (at 1/90000 s)")
+            raise ValueError(f"write_video: timestamps must be >= 0 and strictly increasing (at {time_base} s)")
 
     path = Path(path)
     options = {"movflags": "+faststart"} if path.suffix.lower() in {".mp4", ".mov", ".m4v"} else {}

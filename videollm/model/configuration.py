@@ -37,6 +37,8 @@ class VideoLLMConfig(PreTrainedConfig):
     pool_output_size: list[int] | tuple[int, int, int] = (16, 12, 12)
     num_query_tokens: int = 32
     max_frames: int = 64
+    # Learned frame-index embeddings added to frame features before the projector (always on for the Q-Former).
+    frame_embeddings: bool = True
     video_token_id: int | None = None
     vision_name_or_path: str | None = None
     text_name_or_path: str | None = None

@@ -84,16 +84,24 @@ class VideoLLMModel(VideoLLMPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_num_frames: torch.Tensor | None = None,
+        video_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> VideoLLMModelOutput:
+        """`video_embeds` are projector outputs computed beforehand (all visual tokens of the batch in order, `(N, D)`):
+        preference training encodes each video once and reuses the result for chosen, rejected and the reference."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if video_embeds is not None and pixel_values_videos is not None:
+            raise ValueError("pass pixel_values_videos or precomputed video_embeds, not both")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         video_features = None
-        if pixel_values_videos is not None:
+        if video_embeds is not None:
+            video_features = [video_embeds]
+            inputs_embeds = self._scatter_video_features(input_ids, inputs_embeds, video_features)
+        elif pixel_values_videos is not None:
             if video_num_frames is None:
                 raise ValueError("pixel_values_videos needs video_num_frames (frames per video, in order)")
             video_features = self.get_video_features(pixel_values_videos, video_num_frames)
@@ -168,6 +176,7 @@ class VideoLLMForConditionalGeneration(VideoLLMPreTrainedModel, GenerationMixin)
         inputs_embeds: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_num_frames: torch.Tensor | None = None,
+        video_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -181,6 +190,7 @@ class VideoLLMForConditionalGeneration(VideoLLMPreTrainedModel, GenerationMixin)
             inputs_embeds=inputs_embeds,
             pixel_values_videos=pixel_values_videos,
             video_num_frames=video_num_frames,
+            video_embeds=video_embeds,
             use_cache=use_cache,
             **kwargs,
         )

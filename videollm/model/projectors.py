@@ -49,11 +49,39 @@ class VisualTokenLayout:
         return cls(**values)
 
 
-class MLPProjector(nn.Module):
-    """LLaVA's two-layer GELU MLP applied to every patch of every frame."""
+class FrameEmbedding(nn.Module):
+    """Learned embedding of each frame's index in its clip, added to that frame's patch features.
 
-    def __init__(self, vision_hidden: int, text_hidden: int):
+    Image-trained towers see frames independently, so without it the only trace of frame order is the visual
+    tokens' position in the LLM sequence. Added before the projector's non-linearity, it lets the projector mix
+    "where" with "when", which is what motion questions need (Video-LLaMA's frame position embeddings, applied to
+    every projector type here).
+    """
+
+    def __init__(self, max_frames: int, hidden: int):
         super().__init__()
+        self.embedding = nn.Embedding(max_frames, hidden)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+
+    def index(self, num_frames: list[int], device: torch.device) -> torch.Tensor:
+        """Frame index within its own clip for every frame of the batch (clips concatenated)."""
+        limit = self.embedding.num_embeddings
+        if max(num_frames) > limit:
+            raise ValueError(f"a clip has {max(num_frames)} frames but the model supports at most {limit} (max_frames)")
+        return torch.cat([torch.arange(n, device=device) for n in num_frames])
+
+    def forward(self, features: torch.Tensor, num_frames: list[int]) -> torch.Tensor:
+        """features: (sum of frames, patches, hidden) -> the same with each frame's index embedding added."""
+        offsets = self.embedding(self.index(num_frames, features.device)).to(features.dtype)
+        return features + offsets[:, None, :]
+
+
+class MLPProjector(nn.Module):
+    """LLaVA's two-layer GELU MLP applied to every patch of every frame (after the frame embedding, if any)."""
+
+    def __init__(self, vision_hidden: int, text_hidden: int, max_frames: int | None = None):
+        super().__init__()
+        self.frame_embedding = FrameEmbedding(max_frames, vision_hidden) if max_frames else None
         self.linear_1 = nn.Linear(vision_hidden, text_hidden)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(text_hidden, text_hidden)
@@ -61,9 +89,12 @@ class MLPProjector(nn.Module):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(features)))
 
+    def embed_frames(self, features: torch.Tensor, num_frames: list[int]) -> torch.Tensor:
+        return features if self.frame_embedding is None else self.frame_embedding(features, num_frames)
+
     def forward(self, features: torch.Tensor, num_frames: list[int]) -> list[torch.Tensor]:
         """features: (sum of frames, patches, vision_hidden) -> one (tokens, text_hidden) tensor per video."""
-        tokens = self.project(features)
+        tokens = self.project(self.embed_frames(features, num_frames))
         return [video.flatten(0, 1) for video in tokens.split(num_frames)]
 
 
@@ -73,15 +104,15 @@ class PoolProjector(MLPProjector):
     Pooling before the MLP smooths the high-norm outlier features of single patches and cuts the token count.
     """
 
-    def __init__(self, vision_hidden: int, text_hidden: int, layout: VisualTokenLayout):
-        super().__init__(vision_hidden, text_hidden)
+    def __init__(self, vision_hidden: int, text_hidden: int, layout: VisualTokenLayout, max_frames: int | None = None):
+        super().__init__(vision_hidden, text_hidden, max_frames)
         self.layout = layout
 
     def forward(self, features: torch.Tensor, num_frames: list[int]) -> list[torch.Tensor]:
         grid = self.layout.patch_grid
         frames_out, height_out, width_out = self.layout.pool_output_size
         outputs = []
-        for video in features.split(num_frames):
+        for video in self.embed_frames(features, num_frames).split(num_frames):
             volume = video.reshape(video.shape[0], grid, grid, -1).permute(3, 0, 1, 2)  # (C, T, H, W)
             target = (min(video.shape[0], frames_out), min(height_out, grid), min(width_out, grid))
             pooled = F.adaptive_avg_pool3d(volume, target)
@@ -100,15 +131,13 @@ class QFormerProjector(nn.Module):
         vision_hidden = config.vision_config.hidden_size
         qformer_config = config.qformer_config
         qformer_config.encoder_hidden_size = vision_hidden
-        self.frame_position = nn.Embedding(config.max_frames, vision_hidden)
+        self.frame_embedding = FrameEmbedding(config.max_frames, vision_hidden)
         self.query_tokens = nn.Parameter(torch.randn(1, config.num_query_tokens, qformer_config.hidden_size) * 0.02)
         self.qformer = Blip2QFormerModel(qformer_config)
         self.linear = nn.Linear(qformer_config.hidden_size, config.text_config.hidden_size)
 
     def forward(self, features: torch.Tensor, num_frames: list[int]) -> list[torch.Tensor]:
-        max_frames = self.frame_position.num_embeddings
-        if max(num_frames) > max_frames:
-            raise ValueError(f"the Q-Former projector supports at most {max_frames} frames (max_frames), got {max(num_frames)}")
+        features = self.frame_embedding(features, num_frames)
         patches, hidden = features.shape[1], features.shape[2]
         longest = max(num_frames)
         memory = features.new_zeros(len(num_frames), longest, patches, hidden)
@@ -116,7 +145,6 @@ class QFormerProjector(nn.Module):
         for i, video in enumerate(features.split(num_frames)):
             memory[i, : video.shape[0]] = video
             mask[i, : video.shape[0]] = 1
-        memory = memory + self.frame_position.weight[:longest, None, :].to(memory.dtype)
         queries = self.query_tokens.expand(len(num_frames), -1, -1).to(memory.dtype)
         output = self.qformer(
             query_embeds=queries,
@@ -130,10 +158,11 @@ def build_projector(config: VideoLLMConfig) -> nn.Module:
     """The projector named by `config.projector_type`."""
     vision_hidden = config.vision_config.hidden_size
     text_hidden = config.text_config.hidden_size
+    max_frames = config.max_frames if config.frame_embeddings else None
     if config.projector_type == "mlp":
-        return MLPProjector(vision_hidden, text_hidden)
+        return MLPProjector(vision_hidden, text_hidden, max_frames)
     if config.projector_type == "pool":
-        return PoolProjector(vision_hidden, text_hidden, config.visual_token_layout())
+        return PoolProjector(vision_hidden, text_hidden, config.visual_token_layout(), max_frames)
     if config.projector_type == "qformer":
         return QFormerProjector(config)
     raise ValueError(f"projector_type: unknown {config.projector_type!r}")

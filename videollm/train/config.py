@@ -16,6 +16,7 @@ import torch
 from trl import TrlParser
 
 from videollm.data.sampling import SamplingSpec
+from videollm.model.configuration import PROJECTOR_TYPES
 from videollm.model.trainable import TrainablePolicy
 
 
@@ -43,6 +44,9 @@ class ModelArguments:
     )
     num_query_tokens: int = field(default=32, metadata={"help": "qformer projector: visual tokens per video"})
     vision_feature_layer: int = field(default=-2, metadata={"help": "vision hidden layer used as features"})
+    frame_embeddings: bool = field(
+        default=True, metadata={"help": "add learned frame-index embeddings to frame features before the projector"}
+    )
     tune_vision: str = field(default="frozen", metadata={"help": "vision tower: frozen | full"})
     tune_projector: str = field(default="full", metadata={"help": "projector: full | frozen"})
     tune_llm: str = field(default="lora", metadata={"help": "LLM: lora | full | frozen"})
@@ -60,6 +64,10 @@ class ModelArguments:
             )
         if bool(self.vision_name_or_path) != bool(self.llm_name_or_path):
             raise ValueError("model: vision_name_or_path and llm_name_or_path go together")
+        if self.projector_type not in PROJECTOR_TYPES:
+            raise ValueError(f"projector_type: {self.projector_type!r} is not one of {' | '.join(PROJECTOR_TYPES)}")
+        if self.model_name_or_path and not Path(self.model_name_or_path, "config.json").is_file():
+            raise ValueError(f"model_name_or_path: {self.model_name_or_path} is not a videollm checkpoint (no config.json)")
         self.policy()
 
     def policy(self) -> TrainablePolicy:

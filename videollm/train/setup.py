@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from torch import nn
+from transformers import Trainer
 
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.sampling import SamplingSpec
@@ -29,6 +30,7 @@ def load_or_build(model_args: ModelArguments, data_args: DataArguments) -> tuple
         "pool_output_size": model_args.pool_output_size,
         "num_query_tokens": model_args.num_query_tokens,
         "vision_feature_layer": model_args.vision_feature_layer,
+        "frame_embeddings": model_args.frame_embeddings,
     }
     continue_adapter = False
     if model_args.tiny:
@@ -58,3 +60,17 @@ def load_or_build(model_args: ModelArguments, data_args: DataArguments) -> tuple
     if not continue_adapter:
         model = apply_trainable_policy(model, model_args.policy())
     return model, processor
+
+
+def run_summary(trainer: Trainer) -> str:
+    """One line per rank that says how the run was distributed and how far it got (visible in multi-process logs)."""
+    args = trainer.args
+    backend = "ddp" if args.world_size > 1 else "single process"
+    if trainer.is_deepspeed_enabled:
+        backend = f"deepspeed zero_stage={trainer.accelerator.state.deepspeed_plugin.zero_stage}"
+    elif trainer.is_fsdp_enabled:
+        backend = "fsdp"
+    return (
+        f"rank {args.process_index} of {args.world_size} finished after {trainer.state.global_step} steps "
+        f"({backend}, device {args.device})"
+    )

@@ -1,0 +1,127 @@
+"""End-to-end checks of the SFT recipe as users run it: a subprocess per run, tiny model, tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from videollm.data.synthetic import SyntheticConfig, generate_dataset
+from videollm.model.checkpoint import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+TINY_CONFIG = "recipes/configs/sft_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_dataset(SyntheticConfig(output_dir=str(root), num_train=16, num_eval=4, num_test=4))
+    return root
+
+
+def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def sft_args(data: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "recipes/sft.py",
+        "--config", TINY_CONFIG,
+        "--train_file", str(data / "train.jsonl"),
+        "--video_root", str(data),
+        "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", "4",
+        "--dataloader_num_workers", "0",
+        "--logging_steps", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+def logged_losses(output_dir: Path) -> list[float]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+@pytest.mark.parametrize("projector_type", ["mlp", "pool", "qformer"])
+def test_every_projector_trains_with_the_tiny_config(synthetic, tmp_path, projector_type):
+    output_dir = tmp_path / "out"
+    result = run([sys.executable, *sft_args(synthetic, output_dir, "--projector_type", projector_type, "--max_steps", "2")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(logged_losses(output_dir)) == 2
+    model, processor = load_model(output_dir)
+    assert model.config.projector_type == projector_type
+    assert processor.spec.num_frames == 8
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_bad_records_are_all_reported_before_training(synthetic, tmp_path):
+    lines = (synthetic / "train.jsonl").read_text().splitlines()
+    broken = json.loads(lines[2])
+    broken["video"] = "videos/train/missing.mp4"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([lines[0], "{not json", json.dumps(broken), lines[3]]) + "\n")
+    output_dir = tmp_path / "out"
+
+    result = run([sys.executable, *sft_args(synthetic, output_dir, "--max_steps", "2")[:4], "--train_file", str(bad),
+                  "--video_root", str(synthetic), "--output_dir", str(output_dir)])  # fmt: skip
+    assert result.returncode != 0
+    assert f"{bad}:2" in result.stderr and f"{bad}:3" in result.stderr
+    assert "missing.mp4" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (output_dir / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--no_such_key", "1"], r"no_such_key"),
+        (["--max_steps", "many"], r"max_steps"),
+        (["--train_file", "does/not/exist.jsonl"], r"train_file: does/not/exist.jsonl does not exist"),
+        (["--projector_type", "transformer"], r"projector_type"),
+    ],
+)
+def test_bad_cli_input_gives_one_clear_line(synthetic, tmp_path, override, expected):
+    result = run([sys.executable, *sft_args(synthetic, tmp_path / "out"), *override])
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and re.search(expected, error_lines[0]), result.stderr[-2000:]
+
+
+def test_missing_config_file_gives_one_clear_line(tmp_path):
+    result = run([sys.executable, "recipes/sft.py", "--config", str(tmp_path / "nope.yaml")])
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == f"error: --config: file not found: {tmp_path / 'nope.yaml'}"
+
+
+def _two_rank_run(synthetic: Path, output_dir: Path, launcher: list[str]) -> str:
+    result = run([*launcher, *sft_args(synthetic, output_dir, "--max_steps", "6", "--learning_rate", "3e-3",
+                                       "--warmup_steps", "0", "--per_device_train_batch_size", "2")], timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    finished = sorted(re.findall(r"rank (\d) of (\d) finished after (\d+) steps", result.stdout))
+    assert finished == [("0", "2", "6"), ("1", "2", "6")], result.stdout[-2000:]
+    losses = logged_losses(output_dir)
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    return result.stdout
+
+
+def test_two_process_ddp_on_cpu(synthetic, tmp_path):
+    launcher = [str(VENV_BIN / "accelerate"), "launch", "--config_file", "launch/cpu_2proc.yaml"]
+    _two_rank_run(synthetic, tmp_path / "out", launcher)
+    load_model(tmp_path / "out")
+
+
+def test_two_process_deepspeed_zero2_on_cpu(synthetic, tmp_path):
+    launcher = [str(VENV_BIN / "accelerate"), "launch", "--config_file", "launch/cpu_2proc_zero2.yaml"]
+    stdout = _two_rank_run(synthetic, tmp_path / "out", launcher)
+    assert "zero_stage=2" in stdout
+    load_model(tmp_path / "out")
