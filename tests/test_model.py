@@ -15,7 +15,7 @@ from videollm.model.checkpoint import load_model, save_checkpoint
 from videollm.model.presets import build_tiny_model_and_processor, tiny_text_config, tiny_vision_config
 from videollm.model.trainable import TrainablePolicy, apply_trainable_policy
 
-PROJECTORS = ["mlp", "pool", "qformer"]
+PROJECTORS = ["mlp", "pool", "qformer", "stc"]
 
 
 def make_video(num_frames: int, seed: int = 0, size: int = 32) -> DecodedVideo:
@@ -249,3 +249,25 @@ def test_lora_on_random_llm_is_refused():
     model, _ = build_tiny_model_and_processor("mlp")
     with pytest.raises(ValueError, match="llm: lora needs pretrained frozen parts"):
         apply_trainable_policy(model, TrainablePolicy(llm="lora"))
+
+
+@pytest.mark.parametrize("projector_type", PROJECTORS)
+def test_projector_emits_exactly_the_layout_count(projector_type):
+    model, processor = build_tiny_model_and_processor(projector_type)
+    size = processor.spec.frame_size
+    for num_frames in (1, 3, 5, 8):
+        features = model.get_video_features(torch.randn(num_frames, 3, size, size), [num_frames])
+        assert features[0].shape[0] == processor.layout.count(num_frames) == model.config.visual_token_layout().count(num_frames)
+
+
+def test_frame_embeddings_make_features_depend_on_frame_order():
+    frames = torch.randn(4, 3, 32, 32)
+    reversed_frames = frames.flip(0)
+    for enabled in (True, False):
+        torch.manual_seed(0)
+        model, _ = build_tiny_model_and_processor("mlp", frame_embeddings=enabled)
+        with torch.no_grad():
+            forward = model.get_video_features(frames, [4])[0].reshape(4, -1, 64)
+            backward = model.get_video_features(reversed_frames, [4])[0].reshape(4, -1, 64)
+        # without frame embeddings the projector sees each frame alone, so reversing frames only reorders tokens
+        assert torch.allclose(forward, backward.flip(0), atol=1e-6) is not enabled

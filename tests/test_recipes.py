@@ -51,7 +51,7 @@ def logged_losses(output_dir: Path) -> list[float]:
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
 
 
-@pytest.mark.parametrize("projector_type", ["mlp", "pool", "qformer"])
+@pytest.mark.parametrize("projector_type", ["mlp", "pool", "qformer", "stc"])
 def test_every_projector_trains_with_the_tiny_config(synthetic, tmp_path, projector_type):
     output_dir = tmp_path / "out"
     result = run([sys.executable, *sft_args(synthetic, output_dir, "--projector_type", projector_type, "--max_steps", "2")])
@@ -71,7 +71,7 @@ def test_bad_records_are_all_reported_before_training(synthetic, tmp_path):
     bad.write_text("\n".join([lines[0], "{not json", json.dumps(broken), lines[3]]) + "\n")
     output_dir = tmp_path / "out"
 
-    result = run([sys.executable, *sft_args(synthetic, output_dir, "--max_steps", "2")[:4], "--train_file", str(bad),
+    result = run([sys.executable, *sft_args(synthetic, output_dir)[:3], "--train_file", str(bad),
                   "--video_root", str(synthetic), "--output_dir", str(output_dir)])  # fmt: skip
     assert result.returncode != 0
     assert f"{bad}:2" in result.stderr and f"{bad}:3" in result.stderr

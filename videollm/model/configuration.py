@@ -9,7 +9,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from videollm.model.projectors import VisualTokenLayout
 
-PROJECTOR_TYPES = ("mlp", "pool", "qformer")
+PROJECTOR_TYPES = ("mlp", "pool", "qformer", "stc")
 # Vision towers whose patch sequence starts with a class token; it carries no spatial information and is dropped.
 VISION_MODELS_WITH_CLS = ("clip_vision_model",)
 
@@ -31,7 +31,7 @@ class VideoLLMConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
     qformer_config: dict | PreTrainedConfig | None = None
-    projector_type: Literal["mlp", "pool", "qformer"] = "mlp"
+    projector_type: Literal["mlp", "pool", "qformer", "stc"] = "mlp"
     vision_feature_layer: int = -2
     # PLLaVA-style pooling target (frames, height, width); frames is a cap: shorter clips keep their frame count.
     pool_output_size: list[int] | tuple[int, int, int] = (16, 12, 12)

@@ -123,9 +123,16 @@ class DataArguments:
         }
 
 
+class _RecipeParser(TrlParser):
+    """TrlParser whose errors are one line (`error: ...`), without argparse's usage block."""
+
+    def error(self, message: str) -> None:
+        _fail(message)
+
+
 def parse_config(dataclass_types: Sequence[type], args: Sequence[str] | None = None) -> tuple[Any, ...]:
     """Parse `--config FILE.yaml` plus `--key value` overrides into the dataclasses; exit with one line on bad input."""
-    parser = TrlParser(list(dataclass_types))
+    parser = _RecipeParser(list(dataclass_types))
     argv = list(args) if args is not None else sys.argv[1:]
     if "--config" in argv:
         index = argv.index("--config")

@@ -1,0 +1,113 @@
+"""Build DPO preference pairs from a model's own answers on labelled video questions.
+
+    # TEMPLE / RRPO: clean-video answer (chosen) vs perturbed-video answer (rejected), one stage file per magnitude
+    python data_tools/make_preferences.py --model outputs/sft_tiny --input data/synthetic/labels_train.jsonl \\
+        --video_root data/synthetic --types direction --mode perturb --perturbations reverse:8 shuffle:8 reverse:4 \\
+        shuffle:4 --output data/prefs/temporal.jsonl --curriculum_dir data/prefs/curriculum
+    # LLaVA-Hound / Video-STaR: k sampled answers, a verifier against the label picks chosen and rejected
+    python data_tools/make_preferences.py --model outputs/sft_tiny --input data/synthetic/labels_train.jsonl \\
+        --video_root data/synthetic --mode verify --do_sample true --temperature 1.0 --top_p 0.95 \\
+        --num_return_sequences 4 --output data/prefs/verified.jsonl
+
+The output files are preference JSONL for recipes/dpo.py (`--train_file`, or `--round_train_files` with the stage
+files in the printed order for a curriculum).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+
+from videollm.data.formats import DataValidationError, load_labelled, write_jsonl
+from videollm.infer.generate import GenerationSettings
+from videollm.model.checkpoint import load_model
+from videollm.selftrain import (
+    PairFilter,
+    exclusive_class_verifiers,
+    model_answerer,
+    prompts_from_labelled,
+    temporal_pairs,
+    verified_pairs,
+    write_curriculum,
+)
+
+
+@dataclass
+class BuildArguments:
+    """Where the questions come from, which model answers them, and how pairs are formed."""
+
+    model: str = field(metadata={"help": "videollm checkpoint that answers (usually the SFT model to be aligned)"})
+    input: str = field(metadata={"help": "labelled records (question, label, video): .jsonl, .json or .parquet"})
+    output: str = field(metadata={"help": "preference JSONL to write"})
+    video_root: str | None = field(default=None, metadata={"help": "directory that relative video paths start from"})
+    mode: str = field(default="perturb", metadata={"help": "perturb (TEMPLE/RRPO) | verify (sample k, check the label)"})
+    types: list[str] | None = field(default=None, metadata={"help": "keep only records whose 'type' is one of these"})
+    limit: int | None = field(default=None, metadata={"help": "use at most this many records"})
+    perturbations: list[str] = field(
+        default_factory=lambda: ["reverse:8", "shuffle:8", "reverse:4", "shuffle:4", "reverse:2", "shuffle:2"],
+        metadata={"help": "perturb: kind:magnitude, kind in shuffle | reverse | drop, magnitude = frames touched"},
+    )
+    curriculum_dir: str | None = field(default=None, metadata={"help": "perturb: also write one file per magnitude here"})
+    hard_first: bool = field(default=False, metadata={"help": "curriculum from small (hard) to large magnitudes"})
+    min_length_ratio: float = field(default=0.5, metadata={"help": "perturb: shortest rejected/chosen length ratio"})
+    max_length_ratio: float = field(default=2.0, metadata={"help": "perturb: longest rejected/chosen length ratio"})
+    max_pairs_per_prompt: int = field(default=1, metadata={"help": "verify: pairs drawn per question"})
+    batch_size: int = field(default=8, metadata={"help": "questions answered together"})
+    seed: int = field(default=0, metadata={"help": "seed of perturbation windows, pair draws and sampling"})
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("perturb", "verify"):
+            raise ValueError(f"mode: {self.mode!r} is not one of perturb | verify")
+        self.perturbation_list()
+
+    def perturbation_list(self) -> list[tuple[str, int]]:
+        parsed = []
+        for item in self.perturbations:
+            kind, _, magnitude = item.partition(":")
+            if not magnitude.isdigit():
+                raise ValueError(f"perturbations: {item!r} is not kind:magnitude (e.g. reverse:8)")
+            parsed.append((kind, int(magnitude)))
+        return parsed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = HfArgumentParser([BuildArguments, GenerationSettings], description=__doc__.splitlines()[0])
+    try:
+        args, settings = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+        records = load_labelled(args.input, video_root=args.video_root)
+    except (ValueError, DataValidationError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.types:
+        records = [r for r in records if r.meta.get("type") in args.types]
+    prompts = prompts_from_labelled(records[: args.limit])
+    if args.mode == "verify" and (settings.num_return_sequences < 2 or not settings.do_sample):
+        message = "mode verify samples several answers: set --do_sample true --num_return_sequences k (k >= 2)"
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    torch.manual_seed(args.seed)
+    model, processor = load_model(args.model, merge=True)
+    answer = model_answerer(model, processor, settings)
+    common = dict(load_video=processor.load_video, seed=args.seed, video_root=args.video_root, batch_size=args.batch_size)
+    if args.mode == "perturb":
+        pair_filter = PairFilter(args.min_length_ratio, args.max_length_ratio)
+        rows, report = temporal_pairs(prompts, answer, perturbations=args.perturbation_list(), pair_filter=pair_filter, **common)
+    else:
+        rows, report = verified_pairs(prompts, answer, verifier_for=exclusive_class_verifiers(prompts),
+                                      max_pairs_per_prompt=args.max_pairs_per_prompt, **common)  # fmt: skip
+    write_jsonl(args.output, rows)
+    print(f"{args.output}: {report} from {len(prompts)} questions")
+    if args.mode == "perturb" and args.curriculum_dir:
+        stages = write_curriculum(rows, args.curriculum_dir, easy_first=not args.hard_first)
+        print("curriculum (train with recipes/dpo.py --round_train_files ...):", " ".join(str(p) for p in stages))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

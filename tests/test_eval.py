@@ -1,0 +1,76 @@
+"""The evaluator: answer scoring, the summary and predictions files, and the shuffled-frames control."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import videollm  # noqa: F401  (registers the Auto classes)
+from videollm.data.sampling import SamplingSpec
+from videollm.data.synthetic import SyntheticConfig, generate_dataset
+from videollm.eval.__main__ import main as eval_main
+from videollm.eval.scoring import is_correct, normalize_answer, split_choice
+from videollm.model.checkpoint import save_checkpoint
+from videollm.model.presets import build_tiny_model_and_processor
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference", "choices", "expected"),
+    [
+        ("Left.", "left", None, True),
+        ("  LEFT ", "left", None, True),
+        ("left, then right", "left", None, False),
+        ("B", "B. right", ["left", "right", "up", "down"], True),
+        ("(b)", "B. right", ["left", "right", "up", "down"], True),
+        ("B. right", "B. right", ["left", "right", "up", "down"], True),
+        ("right", "B. right", ["left", "right", "up", "down"], True),
+        ("A", "B. right", ["left", "right", "up", "down"], False),
+        ("left", "B. right", ["left", "right", "up", "down"], False),
+        ("A. right", "B. right", ["left", "right", "up", "down"], True),
+    ],
+)
+def test_short_answer_and_multiple_choice_scoring(prediction, reference, choices, expected):
+    assert is_correct(prediction, reference, choices) is expected
+
+
+def test_normalisation_and_choice_splitting():
+    assert normalize_answer("It moves  LEFT!") == "it moves left"
+    assert split_choice("C) up") == ("c", "up")
+    assert split_choice("up") == (None, "up")
+
+
+@pytest.fixture(scope="module")
+def checkpoint_and_data(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    generate_dataset(SyntheticConfig(output_dir=str(data), num_train=0, num_eval=0, num_test=3, multiple_choice_ratio=0.5))
+    model, processor = build_tiny_model_and_processor("pool", sampling=SamplingSpec(num_frames=8))
+    checkpoint = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(model, processor, checkpoint)
+    return checkpoint, data
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_eval_writes_summary_and_predictions(checkpoint_and_data, tmp_path, shuffle):
+    checkpoint, data = checkpoint_and_data
+    output = tmp_path / "eval.json"
+    argv = ["--model", str(checkpoint), "--data", str(data / "test.jsonl"), "--video_root", str(data),
+            "--output", str(output), "--max_new_tokens", "4", "--batch_size", "4"]  # fmt: skip
+    eval_main(argv + (["--shuffle_frames"] if shuffle else []))
+
+    summary = json.loads(output.read_text())
+    predictions = [json.loads(line) for line in (tmp_path / "eval.predictions.jsonl").read_text().splitlines()]
+    assert summary["num_samples"] == len(predictions) == 9
+    assert set(summary["by_type"]) == {"direction", "color", "shape"}
+    assert all(row["total"] == 3 for row in summary["by_type"].values())
+    assert summary["accuracy"] == sum(p["correct"] for p in predictions) / 9
+    assert summary["shuffle_frames"] is shuffle and summary["sampling"]["num_frames"] == 8
+    for prediction in predictions:
+        (indices,) = prediction["frame_indices"]
+        assert sorted(indices) == list(range(8))
+        assert (indices != sorted(indices)) is shuffle
+
+
+def test_eval_rejects_a_missing_model_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--model: .* does not exist"):
+        eval_main(["--model", str(tmp_path / "none"), "--data", str(tmp_path), "--output", str(tmp_path / "o.json")])
