@@ -53,20 +53,34 @@ class VideoLLMModel(VideoLLMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_video_features(self, pixel_values_videos: torch.Tensor, video_num_frames: torch.Tensor | list[int]) -> list[torch.Tensor]:
-        """Encode all frames of all videos in one vision pass; return one (tokens, hidden) tensor per video."""
-        num_frames = [int(n) for n in video_num_frames]
-        if sum(num_frames) != pixel_values_videos.shape[0]:
-            raise ValueError(
-                f"video_num_frames sums to {sum(num_frames)} but pixel_values_videos holds {pixel_values_videos.shape[0]} frames"
-            )
+    def encode_frames(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        """Vision-tower features of every frame, `(frames, patches, vision_hidden)`, class token dropped."""
         vision_dtype = next(self.vision_tower.parameters()).dtype
         vision_out = self.vision_tower(pixel_values=pixel_values_videos.to(vision_dtype), output_hidden_states=True)
         features = vision_out.hidden_states[self.config.vision_feature_layer]
-        if self.config.vision_has_cls_token:
-            features = features[:, 1:]
+        return features[:, 1:] if self.config.vision_has_cls_token else features
+
+    def get_video_features(
+        self,
+        pixel_values_videos: torch.Tensor | None,
+        video_num_frames: torch.Tensor | list[int],
+        frame_features: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Encode all frames of all videos in one vision pass; return one (tokens, hidden) tensor per video.
+
+        `frame_features` (from `encode_frames`) skips the vision tower: preference training with a frozen tower and
+        a trained projector encodes frames once and projects them for the policy and the reference.
+        """
+        num_frames = [int(n) for n in video_num_frames]
+        if frame_features is None:
+            if sum(num_frames) != pixel_values_videos.shape[0]:
+                raise ValueError(
+                    f"video_num_frames sums to {sum(num_frames)} but pixel_values_videos holds "
+                    f"{pixel_values_videos.shape[0]} frames"
+                )
+            frame_features = self.encode_frames(pixel_values_videos)
         projector_dtype = next(self.projector.parameters()).dtype
-        return self.projector(features.to(projector_dtype), num_frames)
+        return self.projector(frame_features.to(projector_dtype), num_frames)
 
     def _dummy_video_features(self, like: torch.Tensor) -> torch.Tensor:
         """Run the vision path on one blank frame so every rank touches the same parameters (ZeRO-3/FSDP
@@ -164,8 +178,16 @@ class VideoLLMForConditionalGeneration(VideoLLMPreTrainedModel, GenerationMixin)
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.lm_head = new_embeddings
 
-    def get_video_features(self, pixel_values_videos: torch.Tensor, video_num_frames: torch.Tensor | list[int]) -> list[torch.Tensor]:
-        return self.model.get_video_features(pixel_values_videos, video_num_frames)
+    def encode_frames(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_frames(pixel_values_videos)
+
+    def get_video_features(
+        self,
+        pixel_values_videos: torch.Tensor | None,
+        video_num_frames: torch.Tensor | list[int],
+        frame_features: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        return self.model.get_video_features(pixel_values_videos, video_num_frames, frame_features)
 
     def forward(
         self,

@@ -326,31 +326,36 @@ class VideoDPOTrainer(DPOTrainer):
             return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         return contextlib.nullcontext()
 
-    def _encoder_frozen(self) -> bool:
+    def _frozen(self, part: str) -> bool:
         base = unwrap(self.accelerator.unwrap_model(self.model))
-        parts = (base.model.vision_tower, base.model.projector)
-        return not any(p.requires_grad for part in parts for p in part.parameters())
+        return not any(p.requires_grad for p in getattr(base.model, part).parameters())
 
     def _video_embeds(self, inputs: dict[str, Any], for_policy: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Pop the frames from `inputs`; return (policy, reference) projector outputs, each video encoded once.
 
         A frozen vision tower and projector are the same in the policy and the reference, so one no-grad encoding
-        serves both. A trained projector differs from the reference's, which is then encoded separately.
+        serves both. A trained projector differs from the reference's: the frozen tower still runs once, and its
+        features are projected twice.
         """
         pixel_values = inputs.pop("pixel_values_videos", None)
         num_frames = inputs.pop("video_num_frames", None)
         if pixel_values is None:
             return None, None
-        frozen = self._encoder_frozen()
+        vision_frozen, projector_frozen = self._frozen("vision_tower"), self._frozen("projector")
+        policy_model = self.accelerator.unwrap_model(self.model)
+        frame_features = None
+        if vision_frozen:
+            with torch.no_grad():
+                frame_features = policy_model.encode_frames(pixel_values)
         policy = None
         if for_policy:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-                policy = torch.cat(self.accelerator.unwrap_model(self.model).get_video_features(pixel_values, num_frames))
-            if frozen:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not (vision_frozen and projector_frozen)):
+                policy = torch.cat(policy_model.get_video_features(pixel_values, num_frames, frame_features))
+            if vision_frozen and projector_frozen:
                 return policy, policy
         reference_model = self.accelerator.unwrap_model(self._reference_model())
         with torch.no_grad(), self._reference_context():
-            reference = torch.cat(reference_model.get_video_features(pixel_values, num_frames))
+            reference = torch.cat(reference_model.get_video_features(pixel_values, num_frames, frame_features))
         return policy, reference
 
     @staticmethod
