@@ -1,9 +1,16 @@
-"""Batched answer generation: the one path that chat, evaluation, serving and self-training generate through."""
+"""Batched answer generation: the one path that chat, evaluation, serving and self-training generate through.
+
+k answers per prompt (`num_return_sequences`) share ONE vision encode and ONE prompt prefill: the prompts of a batch
+are encoded and prefilled once, then the KV cache is repeated k times along the batch and the k continuations are
+decoded together. transformers' own `num_return_sequences` path repeats every input tensor instead, which here means
+the frames: it encodes each video k times, and, as `pixel_values_videos` holds frames (not videos) along its first
+dimension, its row-wise repeat also interleaves the frames of different copies, so the model would not see the clip.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -23,16 +30,19 @@ class GenerationSettings:
     num_return_sequences: int = field(default=1, metadata={"help": "answers per prompt"})
 
     def generate_kwargs(self, processor: VideoLLMProcessor) -> dict:
+        """Keyword arguments of `model.generate` for ONE sequence per input row (rows are expanded beforehand)."""
         kwargs = {
             "max_new_tokens": self.max_new_tokens,
             "do_sample": self.do_sample,
-            "num_return_sequences": self.num_return_sequences,
             "pad_token_id": processor.tokenizer.pad_token_id,
             "eos_token_id": processor.tokenizer.eos_token_id,
         }
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p)
         return kwargs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @torch.no_grad()
@@ -42,13 +52,56 @@ def generate_answers(
     conversations: Sequence[Sequence[dict]],
     videos: Sequence[Sequence[DecodedVideo | str]],
     settings: GenerationSettings | None = None,
+    batch_size: int | None = None,
 ) -> list[list[str]]:
-    """Answer each conversation (ending with a user turn); returns `num_return_sequences` answers per prompt."""
+    """Answer each conversation (ending with a user turn); returns `num_return_sequences` answers per prompt.
+
+    `batch_size` prompts (default: all) go through one vision pass and one prefill; their k samples decode together.
+    Sampling draws from torch's global generator: seed it (`torch.manual_seed`) for repeatable samples.
+    """
     settings = settings or GenerationSettings()
+    if settings.num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be >= 1, got {settings.num_return_sequences}")
+    step = batch_size or max(len(conversations), 1)
+    answers: list[list[str]] = []
+    for start in range(0, len(conversations), step):
+        chunk = slice(start, start + step)
+        answers.extend(_generate_batch(model, processor, conversations[chunk], videos[chunk], settings))
+    return answers
+
+
+def _generate_batch(model, processor, conversations, videos, settings: GenerationSettings) -> list[list[str]]:
+    k = settings.num_return_sequences
     batch = processor(conversations, videos, add_generation_prompt=True)
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    output = model.generate(**batch, **settings.generate_kwargs(processor))
-    texts = processor.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    k = settings.num_return_sequences
+    batch = {key: value.to(device) for key, value in batch.items()}
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    prompt_length = input_ids.shape[1]
+    if bool((input_ids[:, -1] == processor.video_token_id).any()):
+        raise ValueError("a prompt ends with a visual token; render prompts with add_generation_prompt=True")
+    # Positions as `generate` derives them from a left-padded mask, so the continuation sees the same positions.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+    # Prefill every prompt token but the last, videos included, once per prompt. `generate` then runs the last prompt
+    # token of each of the k copies on the repeated cache: it needs one uncached token to start from, and this way its
+    # own sampling code (temperature, top-p, stopping) draws the k answers.
+    prefill = model(
+        input_ids=input_ids[:, :-1],
+        attention_mask=attention_mask[:, :-1],
+        position_ids=position_ids[:, :-1],
+        pixel_values_videos=batch.get("pixel_values_videos"),
+        video_num_frames=batch.get("video_num_frames"),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = prefill.past_key_values
+    if k > 1:
+        cache.batch_repeat_interleave(k)
+    output = model.generate(
+        input_ids=input_ids.repeat_interleave(k, dim=0),
+        attention_mask=attention_mask.repeat_interleave(k, dim=0),
+        past_key_values=cache,
+        **settings.generate_kwargs(processor),
+    )
+    texts = processor.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
     return [[t.strip() for t in texts[i * k : (i + 1) * k]] for i in range(len(conversations))]

@@ -1,0 +1,154 @@
+"""Answer every conversation of a dataset and write the answers as JSONL; a rerun resumes where the last one stopped.
+
+    python -m videollm.infer.batch --model DIR --data test.jsonl --video_root DIR --output answers.jsonl
+
+The prompt of a record is every turn before its last assistant turn (that turn is kept as `reference`), or the
+whole conversation when it ends with a user turn. Each output line is
+`{"id", "answer" | "answers", "reference", "frame_indices", "error"}`. Lines are appended and flushed batch by
+batch, so after a crash or a kill, rerunning the same command generates only the ids that have no line yet (a
+half-written last line is dropped). A record whose video cannot be decoded gets a line with `error` set; pass
+`--retry_errors` to try those again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+from transformers import HfArgumentParser
+
+from videollm.data.dataset import record_messages
+from videollm.data.formats import ConversationRecord, DataValidationError, iter_jsonl, load_conversations
+from videollm.data.video import VideoDecodeError
+from videollm.infer.generate import GenerationSettings
+from videollm.infer.session import InferenceEngine
+
+
+@dataclass
+class BatchArguments:
+    model: str = field(metadata={"help": "videollm checkpoint directory (full or adapter)"})
+    data: str = field(metadata={"help": "conversation records (.jsonl, .json, .parquet), LLaVA or messages style"})
+    output: str = field(metadata={"help": "answers JSONL; appended to and resumed by record id"})
+    video_root: str | None = field(default=None, metadata={"help": "directory relative video paths start from"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
+    retry_errors: bool = field(default=False, metadata={"help": "generate again for ids whose line has an error"})
+    limit: int | None = field(default=None, metadata={"help": "answer only the first N records"})
+
+
+def split_prompt(record: ConversationRecord) -> tuple[list[dict], str | None]:
+    """The turns to answer and the reference answer (the last assistant turn, if the record ends with one)."""
+    messages = record_messages(record)
+    if messages[-1]["role"] == "assistant":
+        return messages[:-1], messages[-1]["content"]
+    return messages, None
+
+
+def read_finished(output: Path, retry_errors: bool = False) -> set[str]:
+    """Ids that already have a line in `output`, after cutting a half-written last line (a killed run).
+
+    With `retry_errors`, lines with an error are removed from the file and their ids are not counted.
+    """
+    if not output.exists():
+        return set()
+    data = output.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        output.write_bytes(data)
+    finished, kept, dropped = set(), [], False
+    for number, row in iter_jsonl(output):
+        if isinstance(row, ValueError) or "id" not in row:
+            raise ValueError(f"{output}:{number}: not an answers line ({row}); move the file away to start over")
+        if retry_errors and row.get("error"):
+            dropped = True
+            continue
+        finished.add(str(row["id"]))
+        kept.append(row)
+    if dropped:
+        _rewrite(output, kept)
+    return finished
+
+
+def _rewrite(path: Path, rows: list[dict]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _batches(records: list[ConversationRecord], size: int) -> Iterator[list[ConversationRecord]]:
+    for start in range(0, len(records), size):
+        yield records[start : start + size]
+
+
+def generate_dataset_answers(
+    engine: InferenceEngine,
+    records: list[ConversationRecord],
+    output: str | Path,
+    settings: GenerationSettings,
+    batch_size: int = 8,
+    retry_errors: bool = False,
+) -> int:
+    """Append an answer line to `output` for every record without one; returns how many records were answered."""
+    duplicates = sorted(i for i, n in Counter(r.id for r in records).items() if n > 1)
+    if duplicates:
+        raise ValueError(f"record ids must be unique to resume by id; repeated: {duplicates[:5]}")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    finished = read_finished(output, retry_errors)
+    todo = [r for r in records if r.id not in finished]
+    progress = tqdm(total=len(records), initial=len(records) - len(todo), desc="generating", unit="sample")
+    with open(output, "a", encoding="utf-8") as sink:
+        for batch in _batches(todo, batch_size):
+            rows, prompts, videos, pending = [], [], [], []
+            for record in batch:
+                prompt, reference = split_prompt(record)
+                row = {"id": record.id, "reference": reference, "frame_indices": [], "error": None}
+                try:
+                    decoded = [engine.load_video(v) for v in record.videos]
+                except VideoDecodeError as error:
+                    rows.append({**row, "answer": None, "error": str(error)})
+                    continue
+                row["frame_indices"] = [list(v.indices) for v in decoded]
+                prompts.append(prompt)
+                videos.append(decoded)
+                pending.append(row)
+            if prompts:
+                for row, answers in zip(pending, engine.generate(prompts, videos, settings)):
+                    key = ("answer", answers[0]) if settings.num_return_sequences == 1 else ("answers", answers)
+                    rows.append({**row, key[0]: key[1]})
+            sink.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            sink.flush()
+            os.fsync(sink.fileno())
+            progress.update(len(batch))
+    progress.close()
+    return len(todo)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = HfArgumentParser([BatchArguments, GenerationSettings])
+    args, settings = parser.parse_args_into_dataclasses(args=argv)
+    for name in ("model", "data"):
+        if not Path(getattr(args, name)).exists():
+            sys.exit(f"error: --{name}: {getattr(args, name)} does not exist")
+    if args.batch_size < 1:
+        sys.exit(f"error: --batch_size must be >= 1, got {args.batch_size}")
+    try:
+        records = load_conversations(args.data, video_root=args.video_root)
+    except DataValidationError as error:
+        sys.exit(f"error: invalid data:\n{error}")
+    records = records[: args.limit] if args.limit else records
+    engine = InferenceEngine.from_checkpoint(args.model)
+    try:
+        answered = generate_dataset_answers(engine, records, args.output, settings, args.batch_size, args.retry_errors)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    print(f"{answered} answered, {len(records) - answered} already in {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,424 @@
+"""State and provenance of a self-training run (Video-STaR cycles, self-preference rounds), and its resumption.
+
+One run directory holds everything a run made, one folder per cycle (or round)::
+
+    run_config.json             the settings the run started with; a rerun with other settings is refused
+    initial/                    the seed model, when it was built (tiny, vision + LLM) rather than loaded
+    cycle_0/eval.json           the seed model's evaluation: the baseline row of the summary
+    cycle_1/
+        samples.jsonl           every generated answer: cycle, stage, prompt id, sampler settings (seed included),
+                                frame indices, verdict and score, rationalised or not
+        train.jsonl             the training data used (STaR: kept answers; self-preference: pairs.jsonl)
+        checkpoint/             the trained model
+        eval.json               accuracy overall and by question type; eval_predictions.jsonl per sample
+        done.json               the cycle's summary row, written last: a cycle with it is finished
+    summary.json, summary.md, summary.png
+
+Resumption: killed at any point, the same command continues. Answers are generated in fixed batches, each from its own
+seed (run seed, cycle, stage, batch number), and appended to `samples.jsonl` as each batch finishes; a rerun skips the
+prompts already there (a torn last line is dropped) and draws the rest exactly as an uninterrupted run would.
+Training restarts from its last Trainer checkpoint, or from the start (seeded) when none was saved; evaluations are
+kept once written; finished cycles are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from videollm.data.formats import LabelledRecord, write_jsonl
+from videollm.data.processor import VideoLLMProcessor
+from videollm.data.video import DecodedVideo, VideoDecodeError
+from videollm.infer.generate import GenerationSettings, generate_answers
+from videollm.selftrain.verifiers import RecordVerifiers, Verdict
+
+logger = logging.getLogger(__name__)
+
+PLACEHOLDER = "<video>"
+
+
+class RunSettingsMismatch(ValueError):
+    """A run directory holds a run started with other settings."""
+
+
+def stable_seed(*parts: Any) -> int:
+    """A seed from any values, equal in every process (Python's `hash` of a string is not)."""
+    return zlib.crc32(json.dumps(parts, sort_keys=True, default=str).encode())
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON atomically: a run killed mid-write leaves the old file or none, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    os.replace(partial, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---- the run directory ------------------------------------------------------------------------------------------------
+
+
+class RunDirectory:
+    """A run's folder: its settings, one folder per step (cycle or round), the summary.
+
+    Args:
+        path: the run directory (the recipe's `output_dir`).
+        settings: everything that decides what the run produces; compared with the saved ones on a rerun.
+        step_name: "cycle" (STaR) or "round" (self-preference): folder names and the samples' step field.
+        ignore: settings keys that may change between reruns (e.g. logging), left out of the comparison.
+    """
+
+    def __init__(self, path: str | Path, settings: dict[str, Any], step_name: str = "cycle", ignore: Iterable[str] = ()):
+        self.path = Path(path)
+        self.step_name = step_name
+        self.settings = json.loads(json.dumps(settings, default=str))
+        self.ignore = set(ignore)
+
+    def open(self) -> bool:
+        """Create the directory or check that it holds this run; True when resuming."""
+        saved = read_json(self.path / "run_config.json")
+        if saved is None:
+            write_json(self.path / "run_config.json", self.settings)
+            return False
+        changed = sorted(
+            key for key in set(saved) | set(self.settings)
+            if key not in self.ignore and saved.get(key) != self.settings.get(key)
+        )  # fmt: skip
+        if changed:
+            details = "; ".join(f"{k}: {saved.get(k)!r} -> {self.settings.get(k)!r}" for k in changed[:5])
+            raise RunSettingsMismatch(
+                f"output_dir {self.path} holds a run started with other settings ({details}); "
+                "rerun with the same settings to resume, or choose another output_dir"
+            )
+        return True
+
+    def step_dir(self, number: int) -> Path:
+        return self.path / f"{self.step_name}_{number}"
+
+    def finished(self, number: int) -> dict | None:
+        """The summary row of a finished step, or None."""
+        return read_json(self.step_dir(number) / "done.json")
+
+    def finish(self, number: int, row: dict) -> None:
+        write_json(self.step_dir(number) / "done.json", row)
+
+
+# ---- generated samples ------------------------------------------------------------------------------------------------
+
+
+class SampleLog:
+    """An append-only JSONL file of generated samples that survives being killed mid-write.
+
+    Opening it drops a torn last line (a write cut short), so appends always start on a line of their own.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict] = []
+        if self.path.is_file():
+            self._load()
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        if len(complete) != len(data):
+            logger.warning("%s: dropped a torn last line (%d bytes) left by an interrupted run", self.path, len(data) - len(complete))
+            with open(self.path, "r+b") as handle:
+                handle.truncate(len(complete))
+        self.rows = [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
+
+    def done(self, stage: str) -> set[str]:
+        return {row["prompt_id"] for row in self.rows if row["stage"] == stage}
+
+    def stage_rows(self, stage: str) -> list[dict]:
+        return [row for row in self.rows if row["stage"] == stage]
+
+    def append(self, rows: Sequence[dict]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.rows.extend(rows)
+
+
+@dataclass
+class Prompt:
+    """One question to answer: the record it comes from and the text sent (with one placeholder per video)."""
+
+    record: LabelledRecord
+    text: str
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def messages(self) -> list[dict]:
+        return [{"role": "user", "content": f"{PLACEHOLDER}\n" * len(self.record.videos) + self.text}]
+
+
+def fill(template: str, record: LabelledRecord, **extra: Any) -> str:
+    """A prompt template filled with the record's question, label and meta fields (e.g. ``{question}``, ``{label}``)."""
+    label = record.label if not isinstance(record.label, (list, tuple)) else ", ".join(str(x) for x in record.label)
+    try:
+        return template.format(**{**record.meta, "question": record.question, "label": label, **extra})
+    except KeyError as error:
+        raise ValueError(f"template {template!r}: record {record.id} has no field {error}") from None
+
+
+@dataclass
+class Sampler:
+    """Generates answers for prompts in seeded batches, verifies them, and logs them with their provenance."""
+
+    processor: VideoLLMProcessor
+    verifiers: RecordVerifiers
+    settings: GenerationSettings
+    batch_size: int = 16
+    seed: int = 0
+    step_name: str = "cycle"
+    video_root: str | None = None
+    # (model, prompt, decoded videos, answers) -> one score per answer, logged as `judge_score` (e.g. a model judge)
+    scorer: Callable[[torch.nn.Module, Prompt, list[DecodedVideo], list[str]], list[float]] | None = field(
+        default=None, repr=False
+    )
+
+    def run(
+        self, model_loader: Callable[[], torch.nn.Module], prompts: Sequence[Prompt], stage: str, step: int,
+        log: SampleLog, **fields: Any,
+    ) -> dict[str, list[dict]]:  # fmt: skip
+        """Answer every prompt not answered yet in `log`; return all rows of this stage by prompt id, in prompt order.
+
+        The model is loaded only when something is left to generate. Extra `fields` go into every row.
+        """
+        done = log.done(stage)
+        model = None
+        for number, start in enumerate(range(0, len(prompts), self.batch_size)):
+            batch = prompts[start : start + self.batch_size]
+            if all(p.id in done for p in batch):
+                continue
+            if model is None:
+                model = model_loader()
+            # every batch draws from its own seed: a resumed run samples what an uninterrupted one would
+            seed = stable_seed(self.seed, step, stage, number)
+            rows = self._batch(model, batch, stage, step, seed, number, fields)
+            log.append([row for row in rows if row["prompt_id"] not in done])
+        by_prompt: dict[str, list[dict]] = {p.id: [] for p in prompts}
+        for row in log.stage_rows(stage):
+            if row["prompt_id"] in by_prompt:
+                by_prompt[row["prompt_id"]].append(row)
+        return by_prompt
+
+    def _batch(self, model, batch: Sequence[Prompt], stage: str, step: int, seed: int, number: int, fields: dict) -> list[dict]:
+        videos, failed = [], {}
+        for prompt in batch:
+            try:
+                videos.append([self.processor.load_video(path) for path in prompt.record.videos])
+            except VideoDecodeError as error:
+                failed[prompt.id] = str(error)
+                videos.append(None)
+        ok = [i for i, v in enumerate(videos) if v is not None]
+        torch.manual_seed(seed)
+        answers = generate_answers(
+            model, self.processor, [batch[i].messages for i in ok], [videos[i] for i in ok], self.settings
+        ) if ok else []  # fmt: skip
+        answers_by_index = dict(zip(ok, answers))
+        sampler = {**self.settings.to_dict(), "seed": seed, "batch": number}
+        rows = []
+        for i, prompt in enumerate(batch):
+            record = prompt.record
+            base = {
+                self.step_name: step, "stage": stage, "prompt_id": prompt.id, "type": record.meta.get("type"),
+                "question": record.question, "prompt": prompt.messages[0]["content"], "label": record.label,
+                "label_type": record.label_type, "videos": [_relative(v, self.video_root) for v in record.videos],
+                "sampler": sampler, **fields,
+            }  # fmt: skip
+            if prompt.id in failed:
+                rows.append({**base, "sample_index": 0, "answer": None, "error": failed[prompt.id],
+                             "frame_indices": [], "verdict": False, "score": 0.0, "reason": "video decode failed"})  # fmt: skip
+                continue
+            texts = answers_by_index[i]
+            scores = self.scorer(model, prompt, videos[i], texts) if self.scorer else None
+            verifier = self.verifiers(record)
+            for j, text in enumerate(texts):
+                verdict: Verdict = verifier(text, record.label)
+                row = {**base, "sample_index": j, "answer": text, "frame_indices": [list(v.indices) for v in videos[i]],
+                       "verdict": verdict.correct, "score": verdict.score, "reason": verdict.reason}  # fmt: skip
+                if scores is not None:
+                    row["judge_score"] = scores[j]
+                rows.append(row)
+        return rows
+
+
+def _relative(path: str, root: str | None) -> str:
+    if root is None:
+        return path
+    relative = os.path.relpath(path, root)
+    return path if relative.startswith("..") else relative
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------------------
+
+
+def evaluate_labelled(
+    model: torch.nn.Module,
+    processor: VideoLLMProcessor,
+    records: Sequence[LabelledRecord],
+    verifiers: RecordVerifiers,
+    settings: GenerationSettings | None = None,
+    batch_size: int = 16,
+    template: str = "{question}",
+) -> tuple[dict, list[dict]]:
+    """Greedy answers to labelled questions, scored by the run's verifiers; returns (summary, predictions).
+
+    The summary is `videollm.eval`'s: accuracy overall and by question type (``meta["type"]``).
+    """
+    from videollm.eval.__main__ import summarize
+
+    settings = settings or GenerationSettings(max_new_tokens=32)
+    prompts = [Prompt(r, fill(template, r)) for r in records]
+    predictions = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        videos, kept = [], []
+        for prompt in batch:
+            try:
+                videos.append([processor.load_video(path) for path in prompt.record.videos])
+                kept.append(prompt)
+            except VideoDecodeError as error:
+                predictions.append(_prediction(prompt.record, None, None, [], str(error)))
+        if not kept:
+            continue
+        answers = generate_answers(model, processor, [p.messages for p in kept], videos, settings)
+        for prompt, decoded, (answer, *_) in zip(kept, videos, answers):
+            verdict = verifiers.check(prompt.record, answer)
+            predictions.append(_prediction(prompt.record, answer, verdict, [list(v.indices) for v in decoded]))
+    return summarize(predictions), predictions
+
+
+def _prediction(record: LabelledRecord, answer: str | None, verdict: Verdict | None, frames, error=None) -> dict:
+    return {
+        "id": record.id, "type": record.meta.get("type", "all"), "prediction": answer, "label": record.label,
+        "correct": bool(verdict), "score": verdict.score if verdict else 0.0, "reason": verdict.reason if verdict else "",
+        "frame_indices": frames, "error": error,
+    }  # fmt: skip
+
+
+def evaluate_step(
+    step_dir: Path,
+    model_loader: Callable[[], tuple[torch.nn.Module, VideoLLMProcessor] | torch.nn.Module],
+    processor: VideoLLMProcessor,
+    records: Sequence[LabelledRecord],
+    verifiers: RecordVerifiers,
+    settings: GenerationSettings,
+    batch_size: int,
+    template: str,
+) -> dict | None:
+    """Evaluate once: `eval.json` and `eval_predictions.jsonl` in `step_dir`; an existing `eval.json` is returned as is."""
+    if not records:
+        return None
+    saved = read_json(step_dir / "eval.json")
+    if saved is not None:
+        return saved
+    model = model_loader()
+    summary, predictions = evaluate_labelled(model, processor, records, verifiers, settings, batch_size, template)
+    write_jsonl(step_dir / "eval_predictions.jsonl", predictions)
+    write_json(step_dir / "eval.json", summary)
+    return summary
+
+
+def metric(summary: dict | None, question_type: str | None = None) -> float | None:
+    """Overall accuracy, or that of one question type."""
+    if summary is None:
+        return None
+    if question_type is None:
+        return summary["accuracy"]
+    by_type = summary["by_type"].get(question_type)
+    return by_type["accuracy"] if by_type else None
+
+
+# ---- summary ----------------------------------------------------------------------------------------------------------
+
+
+def eval_columns(row: dict, summary: dict | None) -> dict:
+    """Accuracy overall and per question type as summary columns."""
+    if summary is None:
+        return row
+    row["accuracy"] = summary["accuracy"]
+    for name, values in summary["by_type"].items():
+        row[f"accuracy/{name}"] = values["accuracy"]
+    return row
+
+
+def write_summary(run: RunDirectory, rows: Sequence[dict], title: str, plot_keys: Sequence[str] = ("kept_rate",)) -> None:
+    """Print the table of all steps and save it as summary.json, summary.md and summary.png (accuracy per step).
+
+    The table shows every scalar column but the model path (in summary.json), accuracy columns last.
+    """
+    rows = list(rows)
+    scalar = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in ("model", "metric")]
+    columns = [k for k in scalar if not k.startswith("accuracy")] + [k for k in scalar if k.startswith("accuracy")]
+    write_json(run.path / "summary.json", {"title": title, "rows": rows})
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(r) + " |" for r in cells]
+    (run.path / "summary.md").write_text(f"# {title}\n\n" + "\n".join(lines) + "\n")
+    _print_table(title, columns, cells)
+    _plot(run.path / "summary.png", rows, run.step_name, title, plot_keys)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _print_table(title: str, columns: list[str], cells: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in cells:
+        table.add_row(*row)
+    Console(width=max(120, 14 * len(columns))).print(table)
+
+
+def _plot(path: Path, rows: Sequence[dict], step_name: str, title: str, extra_keys: Sequence[str]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install 'videollm[plot]'): %s not drawn", path)
+        return
+    keys = [k for k in dict.fromkeys(k for row in rows for k in row) if k.startswith("accuracy")] + list(extra_keys)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        points = [(row[step_name], row[key]) for row in rows if isinstance(row.get(key), (int, float))]
+        if points:
+            style = "--" if key in extra_keys else "-"
+            axis.plot(*zip(*points), style, marker="o", label=key)
+    axis.set_xlabel(step_name)
+    axis.set_ylim(0, 1.02)
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,324 @@
+"""Self-preference rounds (LLaVA-OneVision-Chat's iterative DPO, VideoSAVi's self-alignment): the model's own samples,
+scored, become DPO pairs; each round starts from the last round's policy.
+
+Each round:
+1. sample: the current policy answers every question `num_samples` (k) times (OV-Chat: k=5, temperature 0.7,
+   top-p 0.9); the k answers of a question share one vision encode and one prefill;
+2. score: with the record's verifier against its label (`scorer: verifier`, the score ranks: IoU, closeness of a
+   number, 1/0 for classes), or with a judge (`scorer: judge`): a video LLM asked whether each answer is right, the
+   policy itself by default (VideoSAVi's self-critique) or `judge_model_name_or_path`; the score is p(yes);
+3. pair: the best answer is chosen and the worst rejected, when their scores differ by more than `min_score_gap`;
+4. train one DPO round (`VideoDPOTrainer`, every key of `recipes/dpo.py`); with LoRA the adapter is merged after the
+   round, and the merged model is the next round's policy AND reference;
+5. evaluate on the labelled `eval_file` with the verifiers.
+
+`rounds` (the DPO config's key) sets the number of rounds. State and resumption: `videollm.selftrain.runs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from videollm.data.formats import load_preferences, write_jsonl
+from videollm.data.processor import VideoLLMProcessor
+from videollm.data.video import DecodedVideo
+from videollm.eval.scoring import normalize_answer
+from videollm.model.checkpoint import is_adapter_checkpoint, load_model, save_checkpoint
+from videollm.model.trainable import unwrap
+from videollm.selftrain import preferences
+from videollm.selftrain.runs import (
+    Prompt,
+    RunDirectory,
+    SampleLog,
+    Sampler,
+    eval_columns,
+    evaluate_step,
+    fill,
+    metric,
+    read_json,
+    write_json,
+    write_summary,
+)
+from videollm.selftrain.star import (
+    RESUMABLE_KEYS,
+    SelfTrainArguments,
+    inference_loader,
+    initial_checkpoint,
+    load_records,
+    model_from,
+    record_verifiers,
+    run_processor,
+    run_settings,
+    should_stop,
+)
+from videollm.train.config import DataArguments, ModelArguments
+from videollm.train.dpo import VideoDPOConfig, VideoDPOTrainer, build_preference_dataset, preference_rows
+from videollm.train.setup import load_or_build
+
+logger = logging.getLogger(__name__)
+
+SCORERS = ("verifier", "judge")
+
+
+@dataclass
+class SelfPreferenceArguments(SelfTrainArguments):
+    """Self-preference rounds: k samples per question, scored, best vs worst as DPO pairs."""
+
+    num_samples: int = field(default=5, metadata={"help": "answers sampled per question (OV-Chat: 5)"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (OV-Chat: 0.7)"})
+    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling mass (OV-Chat: 0.9)"})
+    scorer: str = field(default="verifier", metadata={"help": "verifier (against the label) | judge (a model's p(yes))"})
+    judge_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "judge: a videollm checkpoint; default: the current policy judges itself"}
+    )
+    judge_template: str = field(
+        default="{question}\nProposed answer: {answer}\nIs the proposed answer correct? Answer yes or no.",
+        metadata={"help": "judge: the question put to the judge; {question}, {answer} and record fields"},
+    )
+    min_score_gap: float = field(default=0.0, metadata={"help": "pair only when best - worst score exceeds this"})
+    require_correct_chosen: bool = field(
+        default=True, metadata={"help": "scorer verifier: pair only when the best answer verifies"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scorer not in SCORERS:
+            raise ValueError(f"scorer: {self.scorer!r} is not one of {' | '.join(SCORERS)}")
+        if self.num_samples < 2:
+            raise ValueError("num_samples: a pair needs at least 2 samples per question")
+        if "{answer}" not in self.judge_template:
+            raise ValueError("judge_template: must contain {answer}")
+
+
+class ModelJudge:
+    """Scores answers with a video LLM asked whether each is correct: p(yes) / (p(yes) + p(no)) at its first answer token.
+
+    `model` and `processor` are a separate judge; without `model` the policy that sampled the answers judges them
+    (VideoSAVi's self-critique), with the run's processor. The k answers of one question share one vision encode.
+    """
+
+    def __init__(self, template: str, processor: VideoLLMProcessor, model: torch.nn.Module | None = None):
+        self.template = template
+        self.processor = processor
+        self.model = model
+        tokenizer = processor.tokenizer
+        self.yes = sorted({tokenizer.encode(w, add_special_tokens=False)[0] for w in ("yes", "Yes")})
+        self.no = sorted({tokenizer.encode(w, add_special_tokens=False)[0] for w in ("no", "No")})
+
+    @torch.no_grad()
+    def __call__(self, policy: torch.nn.Module, prompt: Prompt, videos: list[DecodedVideo], answers: list[str]) -> list[float]:
+        model = self.model if self.model is not None else policy
+        if self.model is not None:  # a separate judge samples frames with its own spec
+            videos = [self.processor.load_video(path) for path in prompt.record.videos]
+        processor = self.processor
+        questions = [
+            [{"role": "user", "content": "<video>\n" * len(videos) + fill(self.template, prompt.record, answer=a)}]
+            for a in answers
+        ]
+        encoded = [processor.encode(q, videos, add_generation_prompt=True) for q in questions]
+        batch = processor.collate([{"input_ids": e.input_ids} for e in encoded], padding_side="left")
+        device = next(model.parameters()).device
+        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        kwargs = {}
+        if videos:
+            frames = torch.cat([processor.pixel_values(v) for v in videos]).to(device)
+            features = torch.cat(unwrap(model).get_video_features(frames, [len(v.indices) for v in videos]))
+            kwargs["video_embeds"] = features.repeat(len(answers), 1)
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1, **kwargs
+        ).logits[:, -1].float()
+        logprobs = logits.log_softmax(-1)
+        yes, no = logprobs[:, self.yes].logsumexp(-1), logprobs[:, self.no].logsumexp(-1)
+        return torch.sigmoid(yes - no).tolist()
+
+
+def best_worst_pairs(
+    prompts: Sequence[Prompt],
+    samples: dict[str, list[dict]],
+    score_key: str,
+    min_gap: float,
+    require_correct: bool,
+    video_root: str | None,
+    round_number: int,
+) -> tuple[list[dict], Counter]:
+    """One pair per prompt: the highest-scored distinct answer chosen, the lowest rejected (ties: the earlier sample)."""
+    pairs, dropped = [], Counter()
+    for prompt in prompts:
+        candidates, seen = [], set()
+        for row in samples[prompt.id]:
+            key = normalize_answer(row["answer"] or "")
+            if key and key not in seen:
+                seen.add(key)
+                candidates.append(row)
+        if len(candidates) < 2:
+            dropped["one_distinct_answer"] += 1
+            continue
+        best = max(candidates, key=lambda r: r[score_key])  # max/min return the first of equals: the earlier sample
+        worst = min(candidates, key=lambda r: r[score_key])
+        if best[score_key] - worst[score_key] <= min_gap:
+            dropped["no_score_gap"] += 1
+            continue
+        if require_correct and not best["verdict"]:
+            dropped["best_is_wrong"] += 1
+            continue
+        owner = preferences.Prompt(id=prompt.id, messages=prompt.messages, videos=list(prompt.record.videos))
+        pairs.append(preferences.preference_record(
+            owner, f"{prompt.id}_round{round_number}", best["answer"], worst["answer"], video_root,
+            round=round_number, chosen_score=best[score_key], rejected_score=worst[score_key],
+        ))  # fmt: skip
+    return pairs, dropped
+
+
+def train_preferences(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    dpo_args: VideoDPOConfig,
+    processor: VideoLLMProcessor,
+    start: Path,
+    pairs_file: Path,
+    step_dir: Path,
+    callbacks: Sequence[TrainerCallback] | None = None,
+) -> dict:
+    """One DPO round from `start` on `pairs_file`; the trained model in `step_dir/checkpoint`, merged into
+    `step_dir/model` when it is an adapter. Resumable and done once (`train_done.json`)."""
+    output_dir = step_dir / "checkpoint"
+    done = read_json(output_dir / "train_done.json")
+    if done is not None:
+        return done
+    set_seed(dpo_args.seed)
+    model, _ = load_or_build(model_from(model_args, start), data_args)
+    rows = preference_rows(load_preferences(pairs_file, video_root=data_args.video_root))
+    dataset = build_preference_dataset(rows, processor, cache_dir=str(step_dir / "datasets"))
+    args = dataclasses.replace(dpo_args, output_dir=str(output_dir), rounds=1, round_train_files=None)
+    trainer = VideoDPOTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=processor, callbacks=list(callbacks or [])
+    )
+    resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(output_dir))
+    trainer.save_state()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    last = logged[-1] if logged else {}
+    result = {
+        "train_steps": trainer.state.global_step, "train_loss": last.get("loss"),
+        "reward_accuracy": last.get("rewards/accuracies"), "reward_margin": last.get("rewards/margins"),
+        "model": str(output_dir.resolve()), "resumed_from": resume,
+    }  # fmt: skip
+    del trainer, model
+    gc.collect()
+    if is_adapter_checkpoint(output_dir):
+        # the next round's policy and reference: this round's LoRA merged into its base (OV-Chat, mrDPO)
+        merged, _ = load_model(output_dir, merge=True)
+        save_checkpoint(merged, processor, step_dir / "model")
+        result["model"] = str((step_dir / "model").resolve())
+        del merged
+    write_json(output_dir / "train_done.json", result)
+    return result
+
+
+def run_self_preference(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    pref_args: SelfPreferenceArguments,
+    dpo_args: VideoDPOConfig,
+    callbacks: Sequence[TrainerCallback] | None = None,
+) -> list[dict]:
+    """Run (or resume) `dpo_args.rounds` self-preference rounds in `dpo_args.output_dir`; returns the summary rows."""
+    if dpo_args.round_train_files:
+        raise ValueError("round_train_files: self-preference rounds make their own pairs; set rounds instead")
+    records, eval_records = load_records(data_args, pref_args)
+    verifiers = record_verifiers(pref_args, records + eval_records)
+    run = RunDirectory(
+        dpo_args.output_dir, run_settings(model_args, data_args, pref_args, training=dpo_args), step_name="round",
+        ignore=RESUMABLE_KEYS,
+    )  # fmt: skip
+    if run.open():
+        logger.info("resuming the run in %s", run.path)
+    initial = initial_checkpoint(run, model_args, data_args, dpo_args.seed)
+    processor = run_processor(initial, data_args)
+    judge = None
+    if pref_args.scorer == "judge":
+        judge_model, judge_processor = None, processor
+        if pref_args.judge_model_name_or_path:
+            judge_model, judge_processor = load_model(pref_args.judge_model_name_or_path, merge=True)
+        judge = ModelJudge(pref_args.judge_template, judge_processor, judge_model)
+    sampler = Sampler(
+        processor, verifiers, pref_args.generation(), batch_size=pref_args.generation_batch_size, seed=dpo_args.seed,
+        step_name="round", video_root=data_args.video_root, scorer=judge,
+    )  # fmt: skip
+    prompts = [Prompt(r, fill(pref_args.answer_template, r)) for r in records]
+
+    def evaluate(step_dir: Path, checkpoint: Path) -> dict | None:
+        return evaluate_step(
+            step_dir, inference_loader(checkpoint), processor, eval_records, verifiers, pref_args.evaluation(),
+            pref_args.eval_batch_size, pref_args.answer_template,
+        )  # fmt: skip
+
+    baseline = evaluate(run.step_dir(0), initial)
+    rows = [eval_columns({"round": 0, "model": str(initial)}, baseline)]
+    history = [metric(baseline, pref_args.metric_type)]
+    latest = initial
+    for number in range(1, dpo_args.rounds + 1):
+        row = run.finished(number)
+        if row is None:
+            row = _round(number, latest, prompts, run, sampler, processor, model_args, data_args, pref_args, dpo_args,
+                         callbacks, evaluate)  # fmt: skip
+            run.finish(number, row)
+        rows.append(row)
+        latest = Path(row["model"])
+        history.append(row.get("metric"))
+        if should_stop(history, pref_args):
+            logger.info("accuracy did not rise in round %d: stopping", number)
+            break
+    write_summary(run, rows, f"Self-preference rounds: {run.path}", plot_keys=("pair_rate",))
+    return rows
+
+
+def _round(
+    number: int, latest: Path, prompts: list[Prompt], run: RunDirectory, sampler: Sampler,
+    processor: VideoLLMProcessor, model_args: ModelArguments, data_args: DataArguments,
+    pref_args: SelfPreferenceArguments, dpo_args: VideoDPOConfig, callbacks, evaluate,
+) -> dict:  # fmt: skip
+    started = time.time()
+    step_dir = run.step_dir(number)
+    log = SampleLog(step_dir / "samples.jsonl")
+    samples = sampler.run(inference_loader(latest), prompts, "sample", number, log)
+    gc.collect()
+    score_key = "judge_score" if pref_args.scorer == "judge" else "score"
+    pairs, dropped = best_worst_pairs(
+        prompts, samples, score_key, pref_args.min_score_gap,
+        pref_args.require_correct_chosen and pref_args.scorer == "verifier", data_args.video_root, number,
+    )  # fmt: skip
+    pairs_file = step_dir / "pairs.jsonl"
+    write_jsonl(pairs_file, pairs)
+    if pairs:
+        training = train_preferences(model_args, data_args, dpo_args, processor, latest, pairs_file, step_dir, callbacks)
+    else:
+        logger.warning("round %d made no pairs (%s): nothing to train on", number, dict(dropped))
+        training = {"train_steps": 0, "train_loss": None, "model": str(latest)}
+    summary = evaluate(step_dir, Path(training["model"]))
+    all_rows = [row for rows in samples.values() for row in rows]
+    row = {
+        "round": number, "prompts": len(prompts), "samples": len(all_rows),
+        "sample_accuracy": sum(r["verdict"] for r in all_rows) / len(all_rows) if all_rows else 0.0,
+        "pairs": len(pairs), "pair_rate": len(pairs) / len(prompts) if prompts else 0.0,
+        **{f"dropped/{k}": v for k, v in sorted(dropped.items())},
+        "train_steps": training["train_steps"], "train_loss": training["train_loss"],
+        "reward_accuracy": training.get("reward_accuracy"), "model": training["model"],
+        "minutes": round((time.time() - started) / 60, 2),
+    }  # fmt: skip
+    row = eval_columns(row, summary)
+    row["metric"] = metric(summary, pref_args.metric_type)
+    return row
