@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: on these machines that is the local CPU wheel; anything looser pulls a CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,serve,deepspeed]"
 	$(PY) -m pip install --quiet "torchcodec==0.13.0" || echo "torchcodec not installed: decord/PyAV will decode"
 	touch $@
 

@@ -10,7 +10,8 @@ import torch
 from videollm.data.formats import load_conversations
 from videollm.data.sampling import SamplingSpec
 from videollm.data.synthetic import SyntheticConfig, generate_dataset
-from videollm.infer.batch import generate_dataset_answers, main as batch_main
+from videollm.infer.batch import generate_dataset_answers
+from videollm.infer.batch import main as batch_main
 from videollm.infer.generate import GenerationSettings
 from videollm.infer.session import InferenceEngine
 from videollm.model.checkpoint import save_checkpoint
@@ -23,6 +24,7 @@ SETTINGS = GenerationSettings(max_new_tokens=4)
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model, processor = build_tiny_model_and_processor("pool", sampling=SamplingSpec(num_frames=3))
+    processor.decode_timeout = None  # decode in-process: no decode worker to start per engine (test_serve keeps it)
     path = tmp_path_factory.mktemp("ckpt")
     save_checkpoint(model, processor, path)
     return path

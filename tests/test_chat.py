@@ -13,7 +13,8 @@ import torch
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.sampling import SamplingSpec
 from videollm.data.synthetic import SyntheticConfig, generate_dataset
-from videollm.infer.chat import ASSISTANT_PREFIX, USER_PROMPT, ChatCLI, main as chat_main
+from videollm.infer.chat import ASSISTANT_PREFIX, USER_PROMPT, ChatCLI
+from videollm.infer.chat import main as chat_main
 from videollm.infer.generate import GenerationSettings, generate_answers
 from videollm.infer.session import ChatSession, InferenceEngine
 from videollm.model.checkpoint import save_checkpoint
@@ -27,6 +28,7 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     # 3 frames, not the default 8: frames sampled with another spec would show
     model, processor = build_tiny_model_and_processor("pool", sampling=SamplingSpec(num_frames=3))
+    processor.decode_timeout = None  # decode in-process: no decode worker to start per engine (test_serve keeps it)
     path = tmp_path_factory.mktemp("ckpt")
     save_checkpoint(model, processor, path)
     return path
@@ -61,7 +63,6 @@ def encoded(engine, monkeypatch):
 def training_indices(checkpoint, clip) -> list[int]:
     """The frames training would use: the checkpoint's processor, as `ConversationDataset` loads videos."""
     processor = VideoLLMProcessor.from_pretrained(checkpoint)
-    processor.decode_timeout = None  # decode in this process: the same frames, without starting a decode worker
     return list(processor.load_video(clip).indices)
 
 
@@ -99,7 +100,13 @@ def test_streamed_answer_arrives_in_pieces_and_equals_generate_answers(engine, c
     pieces = list(session.ask("What color is the shape?", SETTINGS))
 
     assert len(pieces) > 1
-    expected = generate_answers(engine.model, engine.processor, [[{"role": "user", "content": "<video>\nWhat color is the shape?"}]], [[video]], SETTINGS)
+    expected = generate_answers(
+        engine.model,
+        engine.processor,
+        [[{"role": "user", "content": "<video>\nWhat color is the shape?"}]],
+        [[video]],
+        SETTINGS,
+    )
     assert "".join(pieces).strip() == expected[0][0] == session.messages[-1]["content"]
 
 
@@ -142,7 +149,9 @@ def test_cli_reports_an_unreadable_video_and_keeps_the_old_one(engine, clips, tm
 
 
 def test_prompt_mode_prints_the_answer_and_exits(checkpoint, clips, engine, capsys):
-    chat_main(["--model", str(checkpoint), "--video", str(clips[0]), "--prompt", "What moves?", "--max_new_tokens", "8"])
+    chat_main(
+        ["--model", str(checkpoint), "--video", str(clips[0]), "--prompt", "What moves?", "--max_new_tokens", "8"]
+    )
     video = engine.load_video(clips[0])
     expected = engine.generate([[{"role": "user", "content": "<video>\nWhat moves?"}]], [[video]], SETTINGS)[0][0]
     assert capsys.readouterr().out == expected + "\n"

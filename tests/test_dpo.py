@@ -391,7 +391,8 @@ def test_two_process_ddp_dpo_on_cpu(synthetic, checkpoint, tmp_path, extra):
     model, _ = load_model(out)
     assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)  # the adapter trained
     if extra:  # the reference log-probs cached for round 2 are those of round 1's merged model: a fresh LoRA scores 0
-        assert logged[0]["rewards/chosen"] == 0.0 and logged[0]["rewards/rejected"] == 0.0
+        # equal up to float noise: cache and policy forward see different padding under DDP
+        assert abs(logged[0]["rewards/chosen"]) < 1e-5 and abs(logged[0]["rewards/rejected"]) < 1e-5
         assert model.peft_config["default"].base_model_name_or_path == str((out / "round_1" / "merged").resolve())
     else:
         assert model.peft_config["default"].base_model_name_or_path == str(checkpoint)

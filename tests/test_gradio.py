@@ -30,6 +30,7 @@ SETTINGS = GenerationSettings(max_new_tokens=8)
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model, processor = build_tiny_model_and_processor("pool", sampling=SamplingSpec(num_frames=3))
+    processor.decode_timeout = None  # decode in-process: no decode worker to start per engine (test_serve keeps it)
     path = tmp_path_factory.mktemp("ckpt")
     save_checkpoint(model, processor, path)
     return path
@@ -64,7 +65,6 @@ def encoded(engine, monkeypatch):
 def training_frames(checkpoint, clip):
     """The frames training would use: the checkpoint's processor, as the training dataset loads videos."""
     processor = VideoLLMProcessor.from_pretrained(checkpoint)
-    processor.decode_timeout = None  # decode in this process: the same frames, without starting a decode worker
     return processor.load_video(clip)
 
 
@@ -72,10 +72,15 @@ def test_handlers_show_the_training_frames_and_stream_the_chat(engine, checkpoin
     handlers = DemoHandlers(engine, SETTINGS)
     session, gallery, chat, info = handlers.on_video(str(clip), None)
     expected = training_frames(checkpoint, clip)
-    assert [caption for _, caption in gallery] == [f"frame {i} · {t:.2f}s" for i, t in zip(expected.indices, expected.timestamps)]
+    assert [caption for _, caption in gallery] == [
+        f"frame {i} · {t:.2f}s" for i, t in zip(expected.indices, expected.timestamps)
+    ]
     assert gallery[0][0].shape == (32, 32, 3) and chat == [] and "3 frames" in info
 
-    shown = [(history[-1]["content"], cleared) for history, cleared, session in handlers.on_send("What color is it?", session, 8, 0.0, 1.0)]
+    shown = [
+        (history[-1]["content"], cleared)
+        for history, cleared, session in handlers.on_send("What color is it?", session, 8, 0.0, 1.0)
+    ]
     partial = [text for text, _ in shown]
     assert len(set(partial)) > 2 and all(b.startswith(a) for a, b in zip(partial, partial[1:]))
     history, cleared = session.turns, shown[-1][1]

@@ -91,7 +91,9 @@ def encoded(engine, monkeypatch):
 
 
 def video_message(url: str, text: str = QUESTION) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": text}]}]
+    return [
+        {"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": text}]}
+    ]
 
 
 def data_url(data: bytes) -> str:
@@ -111,7 +113,9 @@ def test_non_streamed_answer_for_a_path_under_the_media_root(client, engine, med
     (choice,) = completion.choices
     assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
     video = engine.load_video(media_root / CLIP)
-    expected = engine.generate([[{"role": "user", "content": f"<video>\n{QUESTION}"}]], [[video]], GenerationSettings(max_new_tokens=6))
+    expected = engine.generate(
+        [[{"role": "user", "content": f"<video>\n{QUESTION}"}]], [[video]], GenerationSettings(max_new_tokens=6)
+    )
     assert choice.message.content == expected[0][0] != ""
 
     # the frames of training: the checkpoint's processor as the training dataset uses it, not the default spec
@@ -172,7 +176,9 @@ def test_request_errors_are_openai_error_objects(client):
     with pytest.raises(openai.BadRequestError, match="last message must come from the user"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "assistant", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match="image_url parts are not supported"):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}]}])
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}]}]
+        )
 
 
 def test_twenty_concurrent_requests_are_all_answered(client, base_url):
@@ -181,7 +187,11 @@ def test_twenty_concurrent_requests_are_all_answered(client, base_url):
         if i % 2:
             stream = own.chat.completions.create(model=MODEL, messages=video_message(CLIP), max_tokens=4, stream=True)
             return "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip()
-        return own.chat.completions.create(model=MODEL, messages=video_message(CLIP), max_tokens=4).choices[0].message.content
+        return (
+            own.chat.completions.create(model=MODEL, messages=video_message(CLIP), max_tokens=4)
+            .choices[0]
+            .message.content
+        )
 
     with ThreadPoolExecutor(20) as pool:
         answers = list(pool.map(ask, range(20)))
@@ -190,10 +200,8 @@ def test_twenty_concurrent_requests_are_all_answered(client, base_url):
 
 
 def test_entry_point_binds_loopback_by_default(checkpoint, media_root):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "videollm.serve", "--model", str(checkpoint), "--media_root", str(media_root), "--port", "0"],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    args = ["-m", "videollm.serve", "--model", str(checkpoint), "--media_root", str(media_root), "--port", "0"]
+    process = subprocess.Popen([sys.executable, *args], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

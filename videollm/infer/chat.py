@@ -18,7 +18,6 @@ from typing import TextIO
 
 from transformers import HfArgumentParser
 
-from videollm.data.processor import SampleTooLongError
 from videollm.data.video import VideoDecodeError
 from videollm.infer.generate import GenerationSettings
 from videollm.infer.session import ChatSession, InferenceEngine, describe_frames
@@ -61,12 +60,17 @@ class ChatCLI:
         """Stream one answer, flushing after every piece so that it shows as it is generated."""
         self.out.write(ASSISTANT_PREFIX)
         self.out.flush()
+        pieces = self.session.ask(question, self.settings)
         try:
-            for piece in self.session.ask(question, self.settings):
+            for piece in pieces:
                 self.out.write(piece)
                 self.out.flush()
-        except (SampleTooLongError, ValueError) as error:
+        except ValueError as error:  # e.g. SampleTooLongError: the conversation no longer fits; /reset helps
             self.say(f"\nerror: {error}")
+            return
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat; the turn is not kept
+            pieces.close()
+            self.say(" [stopped]")
             return
         self.say("")
 

@@ -94,7 +94,9 @@ def build_demo(engine: InferenceEngine, settings: GenerationSettings | None = No
     """The demo's page for `engine`; `settings` give the initial generation controls."""
     handlers = DemoHandlers(engine, settings or GenerationSettings())
     spec = engine.processor.spec
-    sampling = f"{spec.num_frames} frames, uniform" if spec.num_frames else f"{spec.fps:g} fps, at most {spec.max_frames}"
+    sampling = (
+        f"{spec.num_frames} frames, uniform" if spec.num_frames else f"{spec.fps:g} fps, at most {spec.max_frames}"
+    )
     with gr.Blocks(title="videollm demo", analytics_enabled=False) as demo:
         session = gr.State(None)
         gr.Markdown(f"## videollm\nUpload a video and ask about it. Frames are sampled as in training: {sampling}.")
@@ -102,7 +104,9 @@ def build_demo(engine: InferenceEngine, settings: GenerationSettings | None = No
             with gr.Column(scale=2):
                 video = gr.Video(label="Video", sources=["upload"], elem_id="video")
                 frames_info = gr.Markdown(elem_id="frames-info")
-                gallery = gr.Gallery(label="Sampled frames", columns=4, height=240, allow_preview=False, elem_id="frames")
+                gallery = gr.Gallery(
+                    label="Sampled frames", columns=4, height=240, allow_preview=False, elem_id="frames"
+                )
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Chat", elem_id="chat", height=420)
                 question = gr.Textbox(placeholder="Ask about the video", show_label=False, elem_id="question")
@@ -110,9 +114,11 @@ def build_demo(engine: InferenceEngine, settings: GenerationSettings | None = No
                     send = gr.Button("Send", variant="primary", elem_id="send")
                     reset = gr.Button("Reset conversation", elem_id="reset")
                 with gr.Accordion("Generation", open=False):
-                    max_new_tokens = gr.Slider(1, 1024, value=handlers.settings.max_new_tokens, step=1, label="Max new tokens")
-                    temperature = gr.Slider(0.0, 2.0, value=handlers.settings.temperature if handlers.settings.do_sample else 0.0,
-                                            step=0.05, label="Temperature (0: greedy)")  # fmt: skip
+                    max_new_tokens = gr.Slider(
+                        1, 1024, value=handlers.settings.max_new_tokens, step=1, label="Max new tokens"
+                    )
+                    initial = handlers.settings.temperature if handlers.settings.do_sample else 0.0
+                    temperature = gr.Slider(0.0, 2.0, value=initial, step=0.05, label="Temperature (0: greedy)")
                     top_p = gr.Slider(0.05, 1.0, value=handlers.settings.top_p, step=0.05, label="Top-p")
 
         video.change(handlers.on_video, [video, session], [session, gallery, chatbot, frames_info])

@@ -61,7 +61,10 @@ def resolve_media_path(reference: str, media_root: str | Path | None) -> Path:
 
 
 def decode_data_url(url: str, max_bytes: int) -> tuple[bytes, str]:
-    """The bytes of a base64 ``data:`` URL and a file suffix for them; `MediaError` if malformed (400) or too big (413)."""
+    """The bytes of a base64 ``data:`` URL and a file suffix for them.
+
+    Raises `MediaError`: malformed (400) or larger than `max_bytes` (413).
+    """
     match = _DATA_URL.match(url)
     if match is None or not match.group("b64"):
         raise MediaError("a video data URL must look like 'data:video/mp4;base64,<data>'")

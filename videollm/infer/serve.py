@@ -100,7 +100,9 @@ def _text_and_videos(message: _Message, index: int, video_token: str) -> tuple[s
         kind = part.get("type")
         if kind == "text" and isinstance(part.get("text"), str):
             if video_token in part["text"]:
-                raise APIError(400, f"{where}[{number}]: the text may not contain {video_token!r}", f"{where}[{number}]")
+                raise APIError(
+                    400, f"{where}[{number}]: the text may not contain {video_token!r}", f"{where}[{number}]"
+                )
             pieces.append(part["text"])
         elif kind in ("video_url", "video"):
             reference = part.get(kind)
@@ -132,16 +134,20 @@ def to_conversation(messages: list[_Message], video_token: str) -> tuple[list[di
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, or a 413 as soon as it is known to exceed `limit` (the rest is drained, not stored)."""
-    too_large = APIError(413, f"request body is larger than the server's limit of {limit / 2**20:g} MiB", code="too_large")
-    declared = request.headers.get("content-length")
-    body, size = bytearray(), 0
+    """The request body, or a 413 when it exceeds `limit` bytes (by its Content-Length or as it arrives)."""
+    declared = request.headers.get("content-length", "")
+    size = int(declared) if declared.isdigit() else 0
+    body = bytearray()
     async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit and not (declared and declared.isdigit() and int(declared) > limit):
-            body.extend(chunk)
-    if size > limit or (declared and declared.isdigit() and int(declared) > limit):
-        raise too_large
+        body.extend(chunk)
+        if len(body) > limit:
+            size = len(body)
+            break
+    if size > limit:
+        # Not read further than this: a client still sending gets the 413 when it reads, or a closed connection.
+        raise APIError(
+            413, f"request body is larger than the server's limit of {limit / 2**20:g} MiB", code="too_large"
+        )
     return bytes(body)
 
 
@@ -168,6 +174,10 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         return _error_response(400, str(error))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        return _error_response(500, f"internal error: {type(error).__name__}: {error}")
 
     @app.get("/v1/models")
     async def list_models() -> dict:
@@ -205,7 +215,9 @@ def create_app(
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors(include_url=False))
             raise APIError(400, problems) from None
         if req.model is not None and req.model != model_name:
-            raise APIError(404, f"model {req.model!r} not found; this server serves {model_name!r}", "model", "model_not_found")
+            raise APIError(
+                404, f"model {req.model!r} not found; this server serves {model_name!r}", "model", "model_not_found"
+            )
         if req.stream and req.n != 1:
             raise APIError(400, "streaming supports n=1 only", "n")
         conversation, references = to_conversation(req.messages, engine.processor.video_token)
@@ -225,7 +237,9 @@ def create_app(
             # generate_answers returns text only: an answer of max_tokens tokens is taken to have been cut.
             cut = len(tokenizer(answer, add_special_tokens=False)["input_ids"]) >= settings.max_new_tokens
             message = {"role": "assistant", "content": answer}
-            choices.append({"index": index, "message": message, "finish_reason": "length" if cut else "stop", "logprobs": None})
+            choices.append(
+                {"index": index, "message": message, "finish_reason": "length" if cut else "stop", "logprobs": None}
+            )
         return {
             "id": completion_id,
             "object": "chat.completion",

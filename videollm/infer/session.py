@@ -51,7 +51,9 @@ class InferenceEngine:
         with self.lock:
             return generate_answers(self.model, self.processor, conversations, videos, settings)
 
-    def stream(self, messages: Sequence[dict], videos: Sequence[DecodedVideo], settings: GenerationSettings) -> StreamedAnswer:
+    def stream(
+        self, messages: Sequence[dict], videos: Sequence[DecodedVideo], settings: GenerationSettings
+    ) -> StreamedAnswer:
         """Start answering one conversation; iterate the result for text as it is generated."""
         return StreamedAnswer(self, messages, videos, settings)
 
@@ -82,21 +84,32 @@ class _Cancelled(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class _Stop(Exception):
+    """Cancelled before generation started."""
+
+
 class StreamedAnswer:
     """One answer being generated in a background thread; iterating yields its text in pieces.
 
-    The first piece comes without leading whitespace, so that the joined pieces, stripped, equal what
-    `generate_answers` returns for the same prompt and settings. An error while encoding or generating is raised
-    from the iteration. `close()` (or leaving the iteration early) stops generation at the next token. After the
-    iteration: `text` (stripped), `finish_reason` ("stop": end of turn, "length": max_new_tokens reached),
-    `prompt_tokens` and `completion_tokens`.
+    The prompt is encoded and decoded as in `generate_answers` (the same processor call and generation settings), and
+    the first piece comes without leading whitespace, so the joined pieces, stripped, are what `generate_answers`
+    returns, up to float rounding between its cached prefill and the single pass here. An error while encoding or
+    generating is raised from the iteration. `close()` (or leaving the iteration early) stops generation at the next
+    token. After the iteration: `text` (stripped), `finish_reason` ("stop": end of turn, "length": max_new_tokens
+    reached), `prompt_tokens` and `completion_tokens`.
     """
 
     def __init__(
-        self, engine: InferenceEngine, messages: Sequence[dict], videos: Sequence[DecodedVideo], settings: GenerationSettings
+        self,
+        engine: InferenceEngine,
+        messages: Sequence[dict],
+        videos: Sequence[DecodedVideo],
+        settings: GenerationSettings,
     ):
         if settings.num_return_sequences != 1:
-            raise ValueError(f"streaming generates one answer; got num_return_sequences={settings.num_return_sequences}")
+            raise ValueError(
+                f"streaming generates one answer; got num_return_sequences={settings.num_return_sequences}"
+            )
         self.text = ""
         self.finish_reason: str | None = None
         self.prompt_tokens = 0
@@ -154,10 +167,6 @@ class StreamedAnswer:
         self._cancel.set()
 
 
-class _Stop(Exception):
-    """Cancelled before generation started."""
-
-
 class ChatSession:
     """A conversation about at most one video: its turns so far and the video's sampled frames.
 
@@ -191,7 +200,9 @@ class ChatSession:
         """The user and assistant turns so far (placeholders removed), e.g. for display."""
         token = self.engine.processor.video_token
         return [
-            {"role": m["role"], "content": m["content"].replace(f"{token}\n", "")} for m in self.messages if m["role"] != "system"
+            {"role": m["role"], "content": m["content"].replace(f"{token}\n", "")}
+            for m in self.messages
+            if m["role"] != "system"
         ]
 
     def ask(self, question: str, settings: GenerationSettings) -> Iterator[str]:
