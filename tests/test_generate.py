@@ -99,6 +99,25 @@ def test_batched_prompts_answer_as_each_prompt_alone(tiny):
     assert generate_answers(model, processor, conversations, videos, settings, batch_size=3) == together
 
 
+def test_an_unmerged_lora_model_generates_like_transformers(tiny, tmp_path):
+    from videollm.model.checkpoint import load_model, save_checkpoint
+    from videollm.model.trainable import TrainablePolicy, apply_trainable_policy
+
+    model, processor = tiny
+    save_checkpoint(model, processor, tmp_path)  # LoRA goes on a saved base
+    lora = apply_trainable_policy(load_model(tmp_path)[0], TrainablePolicy(llm="lora", projector="frozen", lora_r=4)).eval()
+    with torch.no_grad():  # a LoRA that changes the model
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    conversations, videos = prompts(2)
+    settings = GenerationSettings(max_new_tokens=8, num_return_sequences=2)
+    answers = generate_answers(lora, processor, conversations, videos, settings)
+    assert answers == [[a, a] for a in hf_generate(lora, processor, conversations, videos, settings)]
+    assert type(lora).__name__.startswith("Peft")
+    assert answers != generate_answers(model, processor, conversations, videos, settings)
+
+
 def test_text_only_prompts_and_bad_settings(tiny):
     model, processor = tiny
     conversations = [[{"role": "user", "content": "Say something."}]]

@@ -4,7 +4,7 @@ k answers per prompt (`num_return_sequences`) share ONE vision encode and ONE pr
 are encoded and prefilled once, then the KV cache is repeated k times along the batch and the k continuations are
 decoded together. transformers' own `num_return_sequences` path repeats every input tensor instead, which here means
 the frames: it encodes each video k times, and, as `pixel_values_videos` holds frames (not videos) along its first
-dimension, its row-wise repeat also interleaves the frames of different copies, so the model would not see the clip.
+dimension, its row-by-row repeat puts each frame k times in a row (f0 f0 f0 f1 ...): the model would see garbled clips.
 """
 
 from __future__ import annotations

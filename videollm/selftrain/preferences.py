@@ -33,7 +33,7 @@ import torch
 from videollm.data.formats import LabelledRecord, write_jsonl
 from videollm.data.video import DecodedVideo
 from videollm.eval.scoring import normalize_answer
-from videollm.selftrain.verifiers import ClassVerifier, Verifier, get_verifier
+from videollm.selftrain.verifiers import RecordVerifiers, Verifier, get_verifier
 
 PERTURBATIONS = ("shuffle", "reverse", "drop")
 PLACEHOLDER = "<video>"
@@ -275,13 +275,8 @@ def write_curriculum(rows: Sequence[dict], output_dir: str | Path, easy_first: b
 
 def exclusive_class_verifiers(prompts: Sequence[Prompt], key: str = "type") -> Callable[[Prompt], Verifier]:
     """Class verifiers whose label space is every label seen for the prompt's `meta[key]` (e.g. the question type),
-    so that an answer naming two classes fails."""
-    spaces: dict[Any, set[str]] = {}
-    for prompt in prompts:
-        if (prompt.label_type or "class") == "class":
-            spaces.setdefault(prompt.meta.get(key), set()).add(str(prompt.label))
-    verifiers = {group: ClassVerifier(sorted(labels)) for group, labels in spaces.items()}
-    return lambda prompt: verifiers.get(prompt.meta.get(key)) or get_verifier(prompt.label_type)
+    so that an answer naming two classes fails (`RecordVerifiers`: the same verifiers STaR and evaluation use)."""
+    return RecordVerifiers(prompts, group_key=key)
 
 
 def model_answerer(model: torch.nn.Module, processor, settings=None) -> Answerer:

@@ -1,4 +1,5 @@
-"""State and provenance of a self-training run (Video-STaR cycles, self-preference rounds), and its resumption.
+"""What every self-training run (Video-STaR cycles, self-preference rounds) shares: its settings, seed model and
+records, the seeded and logged sampling, the evaluation with verifiers, the summary, and resumption.
 
 One run directory holds everything a run made, one folder per cycle (or round)::
 
@@ -23,22 +24,28 @@ kept once written; finished cycles are skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import set_seed
 
-from videollm.data.formats import LabelledRecord, write_jsonl
+from videollm.data.formats import LabelledRecord, load_labelled, write_jsonl
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.video import DecodedVideo, VideoDecodeError
 from videollm.infer.generate import GenerationSettings, generate_answers
+from videollm.model.checkpoint import load_model, save_checkpoint
 from videollm.selftrain.verifiers import RecordVerifiers, Verdict
+from videollm.train.config import DataArguments, ModelArguments
+from videollm.train.setup import load_or_build
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +149,21 @@ class SampleLog:
     def done(self, stage: str) -> set[str]:
         return {row["prompt_id"] for row in self.rows if row["stage"] == stage}
 
+    def resume(self, stage: str, expected: int) -> set[str]:
+        """The prompts of `stage` with all `expected` answers (or an error row) on disk; rows of any other prompt of the
+        stage are dropped from the file (a batch is written at once, but a kill can cut the write short)."""
+        rows = self.stage_rows(stage)
+        counts = Counter(row["prompt_id"] for row in rows)
+        errors = {row["prompt_id"] for row in rows if row.get("error")}
+        incomplete = {p for p, n in counts.items() if n != expected and p not in errors}
+        if incomplete:
+            logger.warning("%s: %d prompts with some of their answers only; they are generated again", self.path, len(incomplete))
+            self.rows = [r for r in self.rows if not (r["stage"] == stage and r["prompt_id"] in incomplete)]
+            partial = self.path.with_name(self.path.name + ".partial")
+            partial.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in self.rows))
+            os.replace(partial, self.path)
+        return set(counts) - incomplete
+
     def stage_rows(self, stage: str) -> list[dict]:
         return [row for row in self.rows if row["stage"] == stage]
 
@@ -196,25 +218,28 @@ class Sampler:
 
     def run(
         self, model_loader: Callable[[], torch.nn.Module], prompts: Sequence[Prompt], stage: str, step: int,
-        log: SampleLog, **fields: Any,
+        log: SampleLog, only: set[str] | None = None, **fields: Any,
     ) -> dict[str, list[dict]]:  # fmt: skip
         """Answer every prompt not answered yet in `log`; return all rows of this stage by prompt id, in prompt order.
 
-        The model is loaded only when something is left to generate. Extra `fields` go into every row.
+        Batches are cut from `prompts` by position and each draws from its own seed, so a resumed run samples what an
+        uninterrupted one would. `only` answers just these prompt ids, in the batches they hold in `prompts`: a
+        subset (e.g. the questions to rationalise) that changes by one prompt then changes one batch, not every batch
+        after it. The model is loaded only when something is left to generate. Extra `fields` go into every row.
         """
-        done = log.done(stage)
+        done = log.resume(stage, self.settings.num_return_sequences)
+        wanted = [p for p in prompts if only is None or p.id in only]
         model = None
         for number, start in enumerate(range(0, len(prompts), self.batch_size)):
-            batch = prompts[start : start + self.batch_size]
+            batch = [p for p in prompts[start : start + self.batch_size] if only is None or p.id in only]
             if all(p.id in done for p in batch):
                 continue
             if model is None:
                 model = model_loader()
-            # every batch draws from its own seed: a resumed run samples what an uninterrupted one would
             seed = stable_seed(self.seed, step, stage, number)
             rows = self._batch(model, batch, stage, step, seed, number, fields)
             log.append([row for row in rows if row["prompt_id"] not in done])
-        by_prompt: dict[str, list[dict]] = {p.id: [] for p in prompts}
+        by_prompt: dict[str, list[dict]] = {p.id: [] for p in wanted}
         for row in log.stage_rows(stage):
             if row["prompt_id"] in by_prompt:
                 by_prompt[row["prompt_id"]].append(row)
@@ -317,7 +342,7 @@ def _prediction(record: LabelledRecord, answer: str | None, verdict: Verdict | N
 
 def evaluate_step(
     step_dir: Path,
-    model_loader: Callable[[], tuple[torch.nn.Module, VideoLLMProcessor] | torch.nn.Module],
+    model_loader: Callable[[], torch.nn.Module],
     processor: VideoLLMProcessor,
     records: Sequence[LabelledRecord],
     verifiers: RecordVerifiers,
@@ -414,6 +439,7 @@ def _plot(path: Path, rows: Sequence[dict], step_name: str, title: str, extra_ke
         if points:
             style = "--" if key in extra_keys else "-"
             axis.plot(*zip(*points), style, marker="o", label=key)
+    axis.set_xticks(sorted({row[step_name] for row in rows}))
     axis.set_xlabel(step_name)
     axis.set_ylim(0, 1.02)
     axis.set_title(title)
@@ -422,3 +448,174 @@ def _plot(path: Path, rows: Sequence[dict], step_name: str, title: str, extra_ke
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+# ---- a run's settings --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SelfTrainArguments:
+    """What every self-training run shares: which records, how answers are generated, verified and evaluated."""
+
+    num_samples: int = field(default=1, metadata={"help": "answers sampled per question (k)"})
+    do_sample: bool = field(default=True, metadata={"help": "sample answers (false: greedy)"})
+    temperature: float = field(default=0.2, metadata={"help": "sampling temperature (Video-STaR: 0.2)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest generated answer in tokens"})
+    generation_batch_size: int = field(
+        default=16, metadata={"help": "questions per vision pass and prefill; their k answers decode together"}
+    )
+    answer_template: str = field(
+        default="{question}",
+        metadata={"help": "the prompt: {question}, {label} and record fields, e.g. '{question} Explain step by step.'"},
+    )
+    verifier: str | None = field(
+        default=None,
+        metadata={"help": "one verifier for every record instead of each record's label_type: a type with settings "
+                          "('number:tolerance=0.05') or a callable's dotted path ('my_pkg.checks:same_meaning')"},
+    )  # fmt: skip
+    synonyms: str | None = field(
+        default=None, metadata={"help": "label -> other phrasings, a JSON file or inline JSON ({\"up\": [\"upwards\"]})"}
+    )
+    class_group_key: str = field(
+        default="type", metadata={"help": "records sharing this meta field share a class label space (exclusive)"}
+    )
+    types: list[str] | None = field(default=None, metadata={"help": "use only records whose 'type' is one of these"})
+    limit: int | None = field(default=None, metadata={"help": "use only the first N training records"})
+    eval_limit: int | None = field(default=None, metadata={"help": "evaluate only the first N eval records"})
+    eval_batch_size: int = field(default=32, metadata={"help": "questions per batch when evaluating"})
+    eval_max_new_tokens: int = field(default=32, metadata={"help": "longest answer when evaluating (greedy)"})
+    metric_type: str | None = field(
+        default=None, metadata={"help": "stop on the accuracy of this question type (e.g. direction) instead of all"}
+    )
+    stop_when_no_gain: bool = field(default=True, metadata={"help": "stop once the evaluated accuracy does not rise"})
+    min_gain: float = field(default=0.0, metadata={"help": "a rise of at most this much counts as no gain"})
+
+    def __post_init__(self) -> None:
+        self.metric_type = self.metric_type or None
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples: must be >= 1, got {self.num_samples}")
+        if self.num_samples > 1 and not self.do_sample:
+            raise ValueError("num_samples > 1 needs do_sample: true (greedy answers are all the same)")
+        if self.generation_batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("generation_batch_size and eval_batch_size must be >= 1")
+        self.synonym_map()
+
+    def generation(self) -> GenerationSettings:
+        return GenerationSettings(
+            max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, temperature=self.temperature,
+            top_p=self.top_p, num_return_sequences=self.num_samples,
+        )  # fmt: skip
+
+    def evaluation(self) -> GenerationSettings:
+        return GenerationSettings(max_new_tokens=self.eval_max_new_tokens)
+
+    def synonym_map(self) -> dict[str, list[str]]:
+        if not self.synonyms:
+            return {}
+        text = Path(self.synonyms).read_text() if Path(self.synonyms).is_file() else self.synonyms
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"synonyms: neither a JSON file nor inline JSON ({error})") from None
+        if not isinstance(value, dict) or not all(isinstance(v, list) for v in value.values()):
+            raise ValueError('synonyms: must map each label to a list of phrasings, e.g. {"up": ["upwards"]}')
+        return value
+
+
+# Settings that do not change what a run produces: they may differ when a run is resumed (or extended: `cycles`).
+RESUMABLE_KEYS = {
+    "cycles", "rounds", "stop_when_no_gain", "min_gain", "eval_batch_size", "decode_timeout", "decode_backend",
+}  # fmt: skip
+TRAINING_KEYS = (
+    "learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "seed", "bf16", "fp16", "optim",
+    "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "beta", "loss_type", "loss_weights", "rrpo_alpha",
+)  # fmt: skip
+
+
+def run_settings(*configs: Any, training: Any) -> dict[str, Any]:
+    """The settings that decide what a run produces, as one flat dict (saved in run_config.json)."""
+    settings: dict[str, Any] = {}
+    for config in configs:
+        settings.update(dataclasses.asdict(config))
+    for key in TRAINING_KEYS:
+        if hasattr(training, key):
+            settings[key] = getattr(training, key)
+    settings["model_name_or_path"] = (
+        str(Path(settings["model_name_or_path"]).resolve()) if settings.get("model_name_or_path") else None
+    )
+    return settings
+
+
+# ---- models and records -----------------------------------------------------------------------------------------------
+
+
+def load_records(data_args: DataArguments, args: SelfTrainArguments) -> tuple[list[LabelledRecord], list[LabelledRecord]]:
+    """Training and evaluation records, filtered by `types` and cut to `limit` / `eval_limit`."""
+    if data_args.train_file is None:
+        raise ValueError("train_file: required (labelled records: video, question, label)")
+
+    def read(path: str | None, limit: int | None) -> list[LabelledRecord]:
+        if path is None:
+            return []
+        records = load_labelled(path, video_root=data_args.video_root)
+        if args.types:
+            records = [r for r in records if r.meta.get("type") in args.types]
+        return records[:limit] if limit else records
+
+    return read(data_args.train_file, args.limit), read(data_args.eval_file, args.eval_limit)
+
+
+def initial_checkpoint(run: RunDirectory, model_args: ModelArguments, data_args: DataArguments, seed: int) -> Path:
+    """The seed model's checkpoint: `model_name_or_path`, or a model built once (seeded) and saved in `initial/`."""
+    if model_args.model_name_or_path:
+        return Path(model_args.model_name_or_path).resolve()
+    path = run.path / "initial"
+    if not (path / "config.json").is_file():
+        set_seed(seed)
+        model, processor = load_or_build(model_args, data_args)
+        partial = run.path / "initial.partial"
+        save_checkpoint(model, processor, partial)
+        os.replace(partial, path)
+    return path.resolve()
+
+
+def run_processor(checkpoint: Path, data_args: DataArguments) -> VideoLLMProcessor:
+    """The one processor a run decodes and encodes with: the seed checkpoint's, with the data keys applied."""
+    processor = VideoLLMProcessor.from_pretrained(checkpoint)
+    requested = data_args.sampling_spec()
+    if requested is not None and requested != processor.spec:
+        processor.sampling = {**requested.to_dict(), "frame_size": processor.spec.frame_size}
+    for key, value in data_args.processor_overrides().items():
+        setattr(processor, key, value)
+    return processor
+
+
+def model_from(model_args: ModelArguments, checkpoint: Path) -> ModelArguments:
+    """The model keys with `checkpoint` as the model to start from."""
+    return dataclasses.replace(
+        model_args, model_name_or_path=str(checkpoint), tiny=False, vision_name_or_path=None, llm_name_or_path=None
+    )
+
+
+def inference_loader(checkpoint: Path) -> Callable[[], torch.nn.Module]:
+    """Loads a checkpoint for generation (LoRA merged: faster) when called."""
+
+    def load() -> torch.nn.Module:
+        model, _ = load_model(checkpoint, merge=True)
+        return model.eval()
+
+    return load
+
+
+def record_verifiers(args: SelfTrainArguments, records: Sequence[LabelledRecord]) -> RecordVerifiers:
+    return RecordVerifiers(records, spec=args.verifier, synonyms=args.synonym_map(), group_key=args.class_group_key)
+
+
+def should_stop(history: Sequence[float | None], args: SelfTrainArguments) -> bool:
+    """True when the last accuracy did not rise by more than `min_gain` above the best before it."""
+    if not args.stop_when_no_gain or len(history) < 2 or history[-1] is None:
+        return False
+    earlier = [a for a in history[:-1] if a is not None]
+    return bool(earlier) and history[-1] <= max(earlier) + args.min_gain

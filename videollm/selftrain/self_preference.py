@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -38,29 +39,27 @@ from videollm.model.checkpoint import is_adapter_checkpoint, load_model, save_ch
 from videollm.model.trainable import unwrap
 from videollm.selftrain import preferences
 from videollm.selftrain.runs import (
+    RESUMABLE_KEYS,
     Prompt,
     RunDirectory,
     SampleLog,
     Sampler,
+    SelfTrainArguments,
     eval_columns,
     evaluate_step,
     fill,
-    metric,
-    read_json,
-    write_json,
-    write_summary,
-)
-from videollm.selftrain.star import (
-    RESUMABLE_KEYS,
-    SelfTrainArguments,
     inference_loader,
     initial_checkpoint,
     load_records,
+    metric,
     model_from,
+    read_json,
     record_verifiers,
     run_processor,
     run_settings,
     should_stop,
+    write_json,
+    write_summary,
 )
 from videollm.train.config import DataArguments, ModelArguments
 from videollm.train.dpo import VideoDPOConfig, VideoDPOTrainer, build_preference_dataset, preference_rows
@@ -228,6 +227,16 @@ def train_preferences(
     return result
 
 
+def merged_copy(checkpoint: Path, output_dir: Path, processor: VideoLLMProcessor) -> Path:
+    """A full checkpoint of an adapter checkpoint (LoRA merged), written once."""
+    if not (output_dir / "config.json").is_file():
+        model, _ = load_model(checkpoint, merge=True)
+        partial = output_dir.with_name(output_dir.name + ".partial")
+        save_checkpoint(model, processor, partial)
+        os.replace(partial, output_dir)
+    return output_dir.resolve()
+
+
 def run_self_preference(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -248,6 +257,9 @@ def run_self_preference(
         logger.info("resuming the run in %s", run.path)
     initial = initial_checkpoint(run, model_args, data_args, dpo_args.seed)
     processor = run_processor(initial, data_args)
+    if is_adapter_checkpoint(initial):
+        # round 1's reference must be the seed policy itself, not the base under its adapter
+        initial = merged_copy(initial, run.path / "initial_merged", processor)
     judge = None
     if pref_args.scorer == "judge":
         judge_model, judge_processor = None, processor

@@ -19,39 +19,43 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import logging
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from videollm.data.dataset import ConversationDataset, VideoCollator
-from videollm.data.formats import LabelledRecord, load_conversations, load_labelled, write_jsonl
+from videollm.data.formats import load_conversations, write_jsonl
 from videollm.data.processor import VideoLLMProcessor
 from videollm.eval.scoring import normalize_answer
-from videollm.infer.generate import GenerationSettings
-from videollm.model.checkpoint import load_model, save_checkpoint
 from videollm.selftrain.runs import (
+    RESUMABLE_KEYS,
     Prompt,
     RunDirectory,
     SampleLog,
     Sampler,
+    SelfTrainArguments,
     eval_columns,
     evaluate_step,
     fill,
+    inference_loader,
+    initial_checkpoint,
+    load_records,
     metric,
+    model_from,
     read_json,
+    record_verifiers,
+    run_processor,
+    run_settings,
+    should_stop,
     write_json,
     write_summary,
 )
-from videollm.selftrain.verifiers import RecordVerifiers
 from videollm.train.config import DataArguments, ModelArguments
 from videollm.train.setup import load_or_build
 from videollm.train.sft import VideoSFTTrainer
@@ -59,75 +63,6 @@ from videollm.train.sft import VideoSFTTrainer
 logger = logging.getLogger(__name__)
 
 RETRAIN_FROM = ("initial", "previous")
-
-
-@dataclass
-class SelfTrainArguments:
-    """What every self-training run shares: which records, how answers are generated, verified and evaluated."""
-
-    num_samples: int = field(default=1, metadata={"help": "answers sampled per question (k)"})
-    do_sample: bool = field(default=True, metadata={"help": "sample answers (false: greedy)"})
-    temperature: float = field(default=0.2, metadata={"help": "sampling temperature (Video-STaR: 0.2)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
-    max_new_tokens: int = field(default=64, metadata={"help": "longest generated answer in tokens"})
-    generation_batch_size: int = field(
-        default=16, metadata={"help": "questions per vision pass and prefill; their k answers decode together"}
-    )
-    answer_template: str = field(
-        default="{question}",
-        metadata={"help": "the prompt: {question}, {label} and record fields, e.g. '{question} Explain step by step.'"},
-    )
-    verifier: str | None = field(
-        default=None,
-        metadata={"help": "one verifier for every record instead of each record's label_type: a type with settings "
-                          "('number:tolerance=0.05') or a callable's dotted path ('my_pkg.checks:same_meaning')"},
-    )  # fmt: skip
-    synonyms: str | None = field(
-        default=None, metadata={"help": "label -> other phrasings, a JSON file or inline JSON ({\"up\": [\"upwards\"]})"}
-    )
-    class_group_key: str = field(
-        default="type", metadata={"help": "records sharing this meta field share a class label space (exclusive)"}
-    )
-    types: list[str] | None = field(default=None, metadata={"help": "use only records whose 'type' is one of these"})
-    limit: int | None = field(default=None, metadata={"help": "use only the first N training records"})
-    eval_limit: int | None = field(default=None, metadata={"help": "evaluate only the first N eval records"})
-    eval_batch_size: int = field(default=32, metadata={"help": "questions per batch when evaluating"})
-    eval_max_new_tokens: int = field(default=32, metadata={"help": "longest answer when evaluating (greedy)"})
-    metric_type: str | None = field(
-        default=None, metadata={"help": "stop on the accuracy of this question type (e.g. direction) instead of all"}
-    )
-    stop_when_no_gain: bool = field(default=True, metadata={"help": "stop once the evaluated accuracy does not rise"})
-    min_gain: float = field(default=0.0, metadata={"help": "a rise of at most this much counts as no gain"})
-
-    def __post_init__(self) -> None:
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples: must be >= 1, got {self.num_samples}")
-        if self.num_samples > 1 and not self.do_sample:
-            raise ValueError("num_samples > 1 needs do_sample: true (greedy answers are all the same)")
-        if self.generation_batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError("generation_batch_size and eval_batch_size must be >= 1")
-        self.synonym_map()
-
-    def generation(self) -> GenerationSettings:
-        return GenerationSettings(
-            max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, temperature=self.temperature,
-            top_p=self.top_p, num_return_sequences=self.num_samples,
-        )  # fmt: skip
-
-    def evaluation(self) -> GenerationSettings:
-        return GenerationSettings(max_new_tokens=self.eval_max_new_tokens)
-
-    def synonym_map(self) -> dict[str, list[str]]:
-        if not self.synonyms:
-            return {}
-        text = Path(self.synonyms).read_text() if Path(self.synonyms).is_file() else self.synonyms
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"synonyms: neither a JSON file nor inline JSON ({error})") from None
-        if not isinstance(value, dict) or not all(isinstance(v, list) for v in value.values()):
-            raise ValueError('synonyms: must map each label to a list of phrasings, e.g. {"up": ["upwards"]}')
-        return value
 
 
 @dataclass
@@ -157,92 +92,7 @@ class StarArguments(SelfTrainArguments):
             raise ValueError("max_kept_per_prompt: must be >= 1")
 
 
-# Settings that do not change what a run produces: they may differ when a run is resumed (or extended: `cycles`).
-RESUMABLE_KEYS = {"cycles", "rounds", "stop_when_no_gain", "min_gain", "eval_batch_size"}
-TRAINING_KEYS = (
-    "learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "seed", "bf16", "fp16", "optim",
-    "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "beta", "loss_type", "loss_weights", "rrpo_alpha",
-)  # fmt: skip
-
-
-def run_settings(*configs: Any, training: Any) -> dict[str, Any]:
-    """The settings that decide what a run produces, as one flat dict (saved in run_config.json)."""
-    settings: dict[str, Any] = {}
-    for config in configs:
-        settings.update(dataclasses.asdict(config))
-    for key in TRAINING_KEYS:
-        if hasattr(training, key):
-            settings[key] = getattr(training, key)
-    settings["model_name_or_path"] = (
-        str(Path(settings["model_name_or_path"]).resolve()) if settings.get("model_name_or_path") else None
-    )
-    return settings
-
-
-# ---- shared pieces (STaR and self-preference) ---------------------------------------------------------------------
-
-
-def load_records(data_args: DataArguments, args: SelfTrainArguments) -> tuple[list[LabelledRecord], list[LabelledRecord]]:
-    """Training and evaluation records, filtered by `types` and cut to `limit` / `eval_limit`."""
-    if data_args.train_file is None:
-        raise ValueError("train_file: required (labelled records: video, question, label)")
-
-    def read(path: str | None, limit: int | None) -> list[LabelledRecord]:
-        if path is None:
-            return []
-        records = load_labelled(path, video_root=data_args.video_root)
-        if args.types:
-            records = [r for r in records if r.meta.get("type") in args.types]
-        return records[:limit] if limit else records
-
-    return read(data_args.train_file, args.limit), read(data_args.eval_file, args.eval_limit)
-
-
-def initial_checkpoint(run: RunDirectory, model_args: ModelArguments, data_args: DataArguments, seed: int) -> Path:
-    """The seed model's checkpoint: `model_name_or_path`, or a model built once (seeded) and saved in `initial/`."""
-    if model_args.model_name_or_path:
-        return Path(model_args.model_name_or_path).resolve()
-    path = run.path / "initial"
-    if not (path / "config.json").is_file():
-        set_seed(seed)
-        model, processor = load_or_build(model_args, data_args)
-        partial = run.path / "initial.partial"
-        save_checkpoint(model, processor, partial)
-        os.replace(partial, path)
-    return path.resolve()
-
-
-def run_processor(checkpoint: Path, data_args: DataArguments) -> VideoLLMProcessor:
-    """The one processor a run decodes and encodes with: the seed checkpoint's, with the data keys applied."""
-    processor = VideoLLMProcessor.from_pretrained(checkpoint)
-    requested = data_args.sampling_spec()
-    if requested is not None and requested != processor.spec:
-        processor.sampling = {**requested.to_dict(), "frame_size": processor.spec.frame_size}
-    for key, value in data_args.processor_overrides().items():
-        setattr(processor, key, value)
-    return processor
-
-
-def model_from(model_args: ModelArguments, checkpoint: Path) -> ModelArguments:
-    """The model keys with `checkpoint` as the model to start from."""
-    return dataclasses.replace(
-        model_args, model_name_or_path=str(checkpoint), tiny=False, vision_name_or_path=None, llm_name_or_path=None
-    )
-
-
-def inference_loader(checkpoint: Path) -> Callable[[], torch.nn.Module]:
-    """Loads a checkpoint for generation (LoRA merged: faster) when called."""
-
-    def load() -> torch.nn.Module:
-        model, _ = load_model(checkpoint, merge=True)
-        return model.eval()
-
-    return load
-
-
-def record_verifiers(args: SelfTrainArguments, records: Sequence[LabelledRecord]) -> RecordVerifiers:
-    return RecordVerifiers(records, spec=args.verifier, synonyms=args.synonym_map(), group_key=args.class_group_key)
+# ---- answers kept ---------------------------------------------------------------------------------------------------
 
 
 def first_verified(rows: Sequence[dict], limit: int) -> list[dict]:
@@ -254,14 +104,6 @@ def first_verified(rows: Sequence[dict], limit: int) -> list[dict]:
             seen.add(key)
             kept.append(row)
     return kept[:limit]
-
-
-def should_stop(history: Sequence[float | None], args: SelfTrainArguments) -> bool:
-    """True when the last accuracy did not rise by more than `min_gain` above the best before it."""
-    if not args.stop_when_no_gain or len(history) < 2 or history[-1] is None:
-        return False
-    earlier = [a for a in history[:-1] if a is not None]
-    return bool(earlier) and history[-1] <= max(earlier) + args.min_gain
 
 
 # ---- training -------------------------------------------------------------------------------------------------------
@@ -403,8 +245,8 @@ def _cycle(
     # (3) rationalise: the label in the prompt; what verifies is kept with the original question
     rationalized = 0
     if star_args.rationalize and failed:
-        hinted = [Prompt(p.record, fill(star_args.rationalize_template, p.record)) for p in failed]
-        explained = sampler.run(generator, hinted, "rationalize", cycle, log, rationalized=True)
+        hinted = [Prompt(p.record, fill(star_args.rationalize_template, p.record)) for p in prompts]
+        explained = sampler.run(generator, hinted, "rationalize", cycle, log, only={p.id for p in failed}, rationalized=True)
         for prompt in failed:
             kept[prompt.id] = first_verified(explained[prompt.id], star_args.max_kept_per_prompt)
             rationalized += bool(kept[prompt.id])

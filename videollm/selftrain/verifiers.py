@@ -9,7 +9,9 @@ Built in (``label_type`` of labelled records, `videollm.data.formats.load_labell
 
 - ``class`` (`ClassVerifier`): the label, or one of its synonyms, appears in the answer as whole words ("right" is
   not in "bright"), not negated in its clause ("not left", "isn't moving left", "neither left nor right"), and, when
-  the label space is known, no other class is asserted ("left or right" is not an answer).
+  the label space is known, no other class is asserted ("left or right" is not an answer). The negation rule errs on
+  the side of rejecting: "no doubt it goes left" is rejected too, as a filter that keeps a wrong answer for training
+  costs more than one that drops a right one.
 - ``choice`` (`ChoiceVerifier`): multiple choice; the label is a letter ("B"), an option text ("right") or both
   ("B. right"). The answer may give the letter, the option text or both; a letter and a text that name different
   options, or two options, are wrong.
@@ -61,8 +63,8 @@ def wrong(reason: str, score: float = 0.0) -> Verdict:
 
 
 class Verifier(Protocol):
-    """``verifier(answer, label) -> Verdict``; every verifier of this module, and any callable wrapped by
-    `as_verifier`, has this form."""
+    """``verifier(answer, label) -> Verdict``: every verifier of this module, and any callable wrapped in
+    `CallableVerifier`, has this form."""
 
     def __call__(self, answer: str, label: Any) -> Verdict: ...
 
@@ -382,11 +384,6 @@ class CallableVerifier:
         raise TypeError(f"verifier {self.name} returned {type(result).__name__}; expected bool, a number or a Verdict")
 
 
-def as_verifier(check: Callable[[str, Any], Any]) -> Verifier:
-    """Wrap a plain callable (bool or score) so that it returns `Verdict`s; verifiers of this module pass through."""
-    return check if isinstance(check, _VERIFIER_CLASSES) else CallableVerifier(check)
-
-
 # ---- registry and specs ------------------------------------------------------------------------------------------------
 
 VERIFIER_TYPES: dict[str, type] = {
@@ -398,7 +395,6 @@ VERIFIER_TYPES: dict[str, type] = {
     "time_span": TimeSpanVerifier,
     "box": BoxVerifier,
 }
-_VERIFIER_CLASSES = (ClassVerifier, ChoiceVerifier, NumberVerifier, TimeSpanVerifier, BoxVerifier, CallableVerifier)
 
 # Default-settings instances, one per label type (existing callers index this dict).
 VERIFIERS: dict[str, Verifier] = {name: cls() for name, cls in VERIFIER_TYPES.items()}
