@@ -9,10 +9,26 @@ import pytest
 import videollm  # noqa: F401  (registers the Auto classes)
 from videollm.data.sampling import SamplingSpec
 from videollm.data.synthetic import SyntheticConfig, generate_dataset
+from videollm.data.formats import ConversationRecord, Message
+from videollm.eval.__main__ import ScoringTarget
 from videollm.eval.__main__ import main as eval_main
-from videollm.eval.scoring import is_correct, normalize_answer, split_choice
+from videollm.selftrain.verifiers import RecordVerifiers
 from videollm.model.checkpoint import save_checkpoint
 from videollm.model.presets import build_tiny_model_and_processor
+
+
+DIRECTIONS = ["left", "right", "up", "down"]
+
+
+def _target(reference: str, choices: list[str] | None = None, **meta) -> ScoringTarget:
+    record = ConversationRecord(
+        id="r",
+        messages=[Message("user", "<video>\nWhich way?"), Message("assistant", reference)],
+        videos=["clip.mp4"],
+        source="test.jsonl:1",
+        meta={"type": "direction", **({"choices": choices} if choices else {}), **meta},
+    )
+    return ScoringTarget.of(record, reference)
 
 
 @pytest.mark.parametrize(
@@ -20,24 +36,28 @@ from videollm.model.presets import build_tiny_model_and_processor
     [
         ("Left.", "left", None, True),
         ("  LEFT ", "left", None, True),
+        ("it moves left", "left", None, True),
         ("left, then right", "left", None, False),
-        ("B", "B. right", ["left", "right", "up", "down"], True),
-        ("(b)", "B. right", ["left", "right", "up", "down"], True),
-        ("B. right", "B. right", ["left", "right", "up", "down"], True),
-        ("right", "B. right", ["left", "right", "up", "down"], True),
-        ("A", "B. right", ["left", "right", "up", "down"], False),
-        ("left", "B. right", ["left", "right", "up", "down"], False),
-        ("A. right", "B. right", ["left", "right", "up", "down"], True),
+        ("not left", "left", None, False),
+        ("B", "B. right", DIRECTIONS, True),
+        ("(b)", "B. right", DIRECTIONS, True),
+        ("B. right", "B. right", DIRECTIONS, True),
+        ("right", "B. right", DIRECTIONS, True),
+        ("A", "B. right", DIRECTIONS, False),
+        ("left", "B. right", DIRECTIONS, False),
+        ("A. right", "B. right", DIRECTIONS, False),
     ],
 )
-def test_short_answer_and_multiple_choice_scoring(prediction, reference, choices, expected):
-    assert is_correct(prediction, reference, choices) is expected
+def test_evaluation_scores_with_the_self_training_verifiers(prediction, reference, choices, expected):
+    """The evaluator, the STaR filter and the DPO pair miner share one definition of a right answer."""
+    targets = [_target(reference, choices)] + [_target(d) for d in DIRECTIONS]
+    assert bool(RecordVerifiers(targets).check(targets[0], prediction)) is expected
 
 
-def test_normalisation_and_choice_splitting():
-    assert normalize_answer("It moves  LEFT!") == "it moves left"
-    assert split_choice("C) up") == ("c", "up")
-    assert split_choice("up") == (None, "up")
+def test_a_record_label_is_preferred_over_the_reference_text():
+    target = _target("The square moves to the left.", label="left")
+    assert target.label == "left" and target.label_type == "class"
+    assert RecordVerifiers([target]).check(target, "left")
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,9 @@ from transformers import HfArgumentParser
 from videollm.data.dataset import record_messages
 from videollm.data.formats import ConversationRecord, DataValidationError, load_conversations, write_jsonl
 from videollm.data.video import DecodedVideo, VideoDecodeError
-from videollm.eval.scoring import is_correct
 from videollm.infer.generate import GenerationSettings, generate_answers
 from videollm.model.checkpoint import load_model
+from videollm.selftrain.verifiers import RecordVerifiers
 
 
 @dataclass
@@ -41,6 +41,32 @@ class EvalArguments:
     shuffle_frames: bool = field(default=False, metadata={"help": "permute frame order (temporal control)"})
     seed: int = field(default=0, metadata={"help": "seed of the frame permutations"})
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N records"})
+    verifier: str | None = field(
+        default=None,
+        metadata={
+            "help": "verifier spec for every record (e.g. 'number:tolerance=0.05' or 'pkg.module:fn'); by default a "
+            "record's label_type, else multiple choice when it has choices, else class"
+        },
+    )
+
+
+@dataclass
+class ScoringTarget:
+    """What an evaluated record is checked against: its `label` (or, without one, its reference answer).
+
+    Evaluation goes through the same `RecordVerifiers` as STaR filtering and DPO pair mining, so "correct" means one
+    thing everywhere.
+    """
+
+    label: object
+    label_type: str
+    meta: dict
+
+    @classmethod
+    def of(cls, record: ConversationRecord, reference: str) -> ScoringTarget:
+        meta = record.meta
+        default_type = "choice" if meta.get("choices") else "class"
+        return cls(meta.get("label", reference), meta.get("label_type", default_type), meta)
 
 
 def shuffled(video: DecodedVideo, rng: random.Random) -> DecodedVideo:
@@ -66,42 +92,50 @@ def evaluate(
     batch_size: int = 16,
     shuffle_frames: bool = False,
     seed: int = 0,
+    verifier: str | None = None,
 ) -> tuple[dict, list[dict]]:
-    """Generate an answer for every record and score it; returns (summary, per-sample predictions)."""
+    """Generate an answer for every record and score it with its verifier; returns (summary, per-sample predictions)."""
     rng = random.Random(seed)
+    targets = [ScoringTarget.of(record, _last_answer(record_messages(record))["content"]) for record in records]
+    verifiers = RecordVerifiers(targets, spec=verifier)
     predictions = []
     for start in tqdm(range(0, len(records), batch_size), desc="evaluating", unit="batch"):
         batch = records[start : start + batch_size]
         prompts, videos, kept = [], [], []
-        for record in batch:
+        for index, record in enumerate(batch, start):
             messages = record_messages(record)
             last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             try:
                 decoded = [processor.load_video(v) for v in record.videos]
             except VideoDecodeError as error:
-                predictions.append(_prediction(record, messages[last_answer]["content"], None, error=str(error)))
+                predictions.append(_prediction(record, messages[last_answer]["content"], None, None, error=str(error)))
                 continue
             if shuffle_frames:
                 decoded = [shuffled(v, rng) for v in decoded]
             prompts.append(messages[:last_answer])
             videos.append(decoded)
-            kept.append((record, messages[last_answer]["content"], decoded))
+            kept.append((record, messages[last_answer]["content"], decoded, targets[index]))
         if not prompts:
             continue
         answers = generate_answers(model, processor, prompts, videos, settings)
-        for (record, reference, decoded), answer in zip(kept, answers):
-            predictions.append(_prediction(record, reference, answer[0], decoded=decoded))
+        for (record, reference, decoded, target), answer in zip(kept, answers):
+            verdict = verifiers.check(target, answer[0])
+            predictions.append(_prediction(record, reference, answer[0], verdict, decoded=decoded))
     return summarize(predictions), predictions
 
 
-def _prediction(record, reference, prediction, decoded=None, error=None) -> dict:
-    choices = record.meta.get("choices")
+def _last_answer(messages: list[dict]) -> dict:
+    return [m for m in messages if m["role"] == "assistant"][-1]
+
+
+def _prediction(record, reference, prediction, verdict, decoded=None, error=None) -> dict:
     return {
         "id": record.id,
         "type": record.meta.get("type", "all"),
         "prediction": prediction,
         "reference": reference,
-        "correct": prediction is not None and is_correct(prediction, reference, choices),
+        "correct": bool(verdict),
+        "verdict": verdict.reason if verdict is not None else None,
         "frame_indices": [list(v.indices) for v in decoded] if decoded else [],
         "error": error,
     }
@@ -145,7 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     records = records[: args.limit] if args.limit else records
     model, processor = load_model(args.model)
 
-    summary, predictions = evaluate(model, processor, records, settings, args.batch_size, args.shuffle_frames, args.seed)
+    summary, predictions = evaluate(
+        model, processor, records, settings, args.batch_size, args.shuffle_frames, args.seed, args.verifier
+    )
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     predictions_path = output.with_name(output.stem + ".predictions.jsonl")

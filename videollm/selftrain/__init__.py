@@ -1,4 +1,8 @@
-"""Self-training: preference-data builders and answer verifiers (used by data_tools/make_preferences.py)."""
+"""Self-training: answer verifiers, preference-data builders, Video-STaR cycles and self-preference rounds.
+
+The loops live in `videollm.selftrain.star` (`run_star`, recipes/star.py) and `videollm.selftrain.self_preference`
+(`run_self_preference`, recipes/self_preference.py); they import the trainers, so they are not imported here.
+"""
 
 from videollm.selftrain.preferences import (
     PERTURBATIONS,
@@ -15,12 +19,23 @@ from videollm.selftrain.preferences import (
     verified_pairs,
     write_curriculum,
 )
-from videollm.selftrain.verifiers import ClassVerifier, get_verifier
+from videollm.selftrain.verifiers import (
+    ClassVerifier,
+    RecordVerifiers,
+    Verdict,
+    Verifier,
+    build_verifier,
+    get_verifier,
+)
 
 __all__ = [
     "PERTURBATIONS",
     "BuildReport",
     "ClassVerifier",
+    "RecordVerifiers",
+    "Verdict",
+    "Verifier",
+    "build_verifier",
     "PairFilter",
     "Prompt",
     "curriculum_stages",

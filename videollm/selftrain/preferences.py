@@ -32,8 +32,7 @@ import torch
 
 from videollm.data.formats import LabelledRecord, write_jsonl
 from videollm.data.video import DecodedVideo
-from videollm.eval.scoring import normalize_answer
-from videollm.selftrain.verifiers import RecordVerifiers, Verifier, get_verifier
+from videollm.selftrain.verifiers import RecordVerifiers, Verifier, get_verifier, normalize_answer
 
 PERTURBATIONS = ("shuffle", "reverse", "drop")
 PLACEHOLDER = "<video>"

@@ -34,7 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from videollm.data.formats import load_preferences, write_jsonl
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.video import DecodedVideo
-from videollm.eval.scoring import normalize_answer
+from videollm.selftrain.verifiers import normalize_answer
 from videollm.model.checkpoint import is_adapter_checkpoint, load_model, save_checkpoint
 from videollm.model.trainable import unwrap
 from videollm.selftrain import preferences

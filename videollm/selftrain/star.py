@@ -32,7 +32,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from videollm.data.dataset import ConversationDataset, VideoCollator
 from videollm.data.formats import load_conversations, write_jsonl
 from videollm.data.processor import VideoLLMProcessor
-from videollm.eval.scoring import normalize_answer
+from videollm.selftrain.verifiers import normalize_answer
 from videollm.selftrain.runs import (
     RESUMABLE_KEYS,
     Prompt,

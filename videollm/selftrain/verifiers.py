@@ -33,11 +33,11 @@ import importlib
 import json
 import math
 import re
+import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from videollm.eval.scoring import normalize_answer
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,14 @@ class Verifier(Protocol):
 
 
 # ---- text helpers ----------------------------------------------------------------------------------------------------
+
+_PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, punctuation to spaces, whitespace collapsed: the form every comparison of answer text uses."""
+    return " ".join(text.lower().translate(_PUNCTUATION).split())
+
 
 # A negation cue negates the class words after it in the same clause: "not left", "it does not move left".
 NEGATION_CUES = frozenset({"not", "no", "never", "neither", "nor", "without", "nothing", "none"})
