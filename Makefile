@@ -20,9 +20,14 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) data_tools/make_synthetic.py --output_dir $(DATA_DIR) --seed 0
+	# the tiny config keeps its vision tower frozen: encode every clip once, then train from the cached features
+	rm -rf $(DEMO_DIR)/feature_cache
+	$(PY) data_tools/cache_features.py --config recipes/configs/sft_tiny.yaml \
+		--train_file $(DATA_DIR)/train.jsonl --eval_file $(DATA_DIR)/eval.jsonl --video_root $(DATA_DIR) \
+		--feature_cache_dir $(DEMO_DIR)/feature_cache
 	$(VENV)/bin/accelerate launch --num_processes 1 --cpu recipes/sft.py --config recipes/configs/sft_tiny.yaml \
 		--train_file $(DATA_DIR)/train.jsonl --eval_file $(DATA_DIR)/eval.jsonl --video_root $(DATA_DIR) \
-		--output_dir $(DEMO_DIR)
+		--feature_cache_dir $(DEMO_DIR)/feature_cache --output_dir $(DEMO_DIR)
 	$(PY) -m videollm.eval --model $(DEMO_DIR) --data $(DATA_DIR)/test.jsonl --video_root $(DATA_DIR) \
 		--output $(DEMO_DIR)/eval_test.json
 	$(PY) -m videollm.eval --model $(DEMO_DIR) --data $(DATA_DIR)/test.jsonl --video_root $(DATA_DIR) \
@@ -31,8 +36,14 @@ demo: install
 test: install
 	$(PY) -m pytest tests
 
+# Every benchmark; tables on stdout, JSON in bench/results/. On a GPU: make bench BENCH_SFT_ARGS="--preset qwen2.5-0.5b"
+BENCH_SFT_ARGS ?=
 bench: install
-	$(PY) bench/bench_decode.py
+	mkdir -p bench/results
+	$(PY) bench/bench_sft.py $(BENCH_SFT_ARGS) --json bench/results/sft.json
+	$(PY) bench/bench_dpo.py --json bench/results/dpo.json
+	$(PY) bench/bench_sampling.py --threads 1 --json bench/results/sampling.json
+	$(PY) bench/bench_decode.py --json bench/results/decode.json
 
 clean:
 	rm -rf outputs data/synthetic .pytest_cache

@@ -14,6 +14,7 @@ Usage: ``python bench/bench_decode.py [--runs 10]``; prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -118,6 +119,7 @@ def cpu_model() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10, help="timed runs per cell (median reported)")
+    parser.add_argument("--json", default=None, help="also write the results here as JSON")
     args = parser.parse_args()
     load_before = _load_average()
 
@@ -167,6 +169,11 @@ def main() -> None:
         print("| " + " | ".join([clip, name, *(f"{cpu[k]:.1f}" for k in ["probe", *backends])]) + " |")
     print("\nFrameReader process start (first call; imports torch and the videollm package): "
           + ", ".join(f"{b} {start_s[b]:.1f} s" for b in backends))
+    if args.json:
+        cells = [{"clip": clip, "sampling": name, "wall_ms": wall, "cpu_ms": cpu} for clip, name, wall, cpu in rows]
+        result = {"runs": args.runs, "cpu": cpu_model(), "cores": os.cpu_count(), "cells": cells, "reader_start_s": start_s}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
 
 
 def _load_average() -> str:

@@ -16,13 +16,15 @@ Random weights and frames; the step time does not depend on their values.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from timing import round_robin
 
 from videollm.data.sampling import SamplingSpec
 from videollm.data.tokenizer import build_tiny_tokenizer
@@ -45,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vision_layers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 2 warm-up rounds)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--json", default=None, help="also write the results here as JSON")
     return parser.parse_args()
 
 
@@ -86,23 +89,6 @@ def preference_rows(args: argparse.Namespace) -> list[dict]:
             "chosen_phrases": [answer[-1]], "rejected_phrases": [rejected[-1]],
         })  # fmt: skip
     return rows
-
-
-def timed(variants: dict, device: str, steps: int) -> dict[str, float]:
-    """Median wall time of one step of each variant in ms. Variants run round-robin (after 2 warm-up rounds), so a
-    change of machine load during the run affects all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for index in range(steps + 2):
-        for name, step in variants.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if index >= 2:
-                times[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -152,7 +138,7 @@ def main() -> None:
             "dpo, reference cached": lambda: update(dpo.compute_loss(model, dict(cached_batch))),
             "rrpo, reference computed": lambda: update(rrpo.compute_loss(rrpo.model, dict(rrpo_batch)), rrpo_optimizer),
         }
-        results = timed(variants, args.device, args.steps)
+        results = {name: statistics.median(t) * 1000 for name, t in round_robin(variants, args.device, args.steps).items()}
 
     tokens = int(dpo_batch["attention_mask"].sum())
     visual = int((dpo_batch["input_ids"] == dpo.processing_class.video_token_id).sum())
@@ -164,6 +150,10 @@ def main() -> None:
     print(f"|{'-' * 42}|{'-' * 12}|{'-' * 8}|")
     for name, ms in results.items():
         print(f"| {name:<40} | {ms:>10.1f} | {ms / sft:>6.2f} |")
+    if args.json:
+        rows = [{"step": name, "ms_per_step": ms, "x_sft": ms / sft} for name, ms in results.items()]
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"args": vars(args), "tokens": tokens, "visual_tokens": visual, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ another order, so only its time is comparable. Random weights and frames.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig
@@ -44,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per variant (median), after one warm-up")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 steadies timings on a shared CPU)")
+    parser.add_argument("--json", default=None, help="also write the results here as JSON")
     return parser.parse_args()
 
 
@@ -152,6 +155,12 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for settings_name, name, seconds, speedup in rows:
         print(f"| {settings_name} | {name} | {seconds:.2f} | {args.prompts * args.k / seconds:.1f} | {speedup:.1f}x |")
+    if args.json:
+        cells = [{"decoding": d, "variant": n, "seconds": s, "answers_per_s": args.prompts * args.k / s, "x_naive": x}
+                 for d, n, s, x in rows]  # fmt: skip
+        result = {"args": vars(args), "same_greedy": greedy_equal, "same_sampled": sampled_equal, "rows": cells}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,17 @@ checkpoint (`model_name_or_path`, e.g. an SFT model), trains with `VideoDPOTrain
 import sys
 
 from videollm.data.formats import DataValidationError, load_preferences
+from videollm.data.robust import (
+    BadSampleError,
+    BadSampleLimitExceeded,
+    BadSamplePolicy,
+    bad_sample_summaries,
+    failure_message,
+    load_for_policy,
+)
 from videollm.train.config import DataArguments, ModelArguments, parse_config
 from videollm.train.dpo import VideoDPOConfig, build_preference_dataset, preference_rows, train_dpo
+from videollm.train.guards import NonFiniteTrainingError
 from videollm.train.setup import load_or_build, run_summary
 
 
@@ -27,19 +36,37 @@ def main() -> None:
     if not train_files:
         sys.exit("error: train_file (or round_train_files) is required")
 
-    # Validate every record (schema, placeholders, video files, marked phrases) before any model is built.
+    # Validate every record (schema, placeholders, video files, marked phrases) before any model is built; with
+    # bad_sample_policy: skip a missing video is replaced and quarantined during training, like a corrupt one.
+    bad_samples = BadSamplePolicy.from_args(data_args, dpo_args)
     try:
-        rows = {path: preference_rows(load_preferences(path, video_root=data_args.video_root)) for path in set(train_files)}
+        rows = {
+            path: preference_rows(load_for_policy(load_preferences, path, data_args.video_root, bad_samples))
+            for path in set(train_files)
+        }
         eval_file = data_args.eval_file
-        eval_rows = preference_rows(load_preferences(eval_file, video_root=data_args.video_root)) if eval_file else None
+        eval_rows = (
+            preference_rows(load_for_policy(load_preferences, eval_file, data_args.video_root, bad_samples))
+            if eval_file
+            else None
+        )
     except DataValidationError as error:
         sys.exit(f"error: invalid data, nothing was trained:\n{error}")
 
-    model, processor = load_or_build(model_args, data_args)
+    model, processor = load_or_build(model_args, data_args, seed=dpo_args.seed)
     with dpo_args.main_process_first(desc="preference datasets"):
         datasets = {path: build_preference_dataset(file_rows, processor) for path, file_rows in rows.items()}
         eval_set = build_preference_dataset(eval_rows, processor) if eval_rows else None
-    trainer = train_dpo(model, processor, [datasets[path] for path in train_files], eval_set, dpo_args, model_args.policy())
+    try:
+        trainer = train_dpo(
+            model, processor, [datasets[path] for path in train_files], eval_set, dpo_args, model_args.policy(), bad_samples
+        )
+    except NonFiniteTrainingError as error:
+        sys.exit(f"error: {error}")
+    except (BadSampleError, BadSampleLimitExceeded) as error:
+        sys.exit(f"error: {failure_message(error)}")
+    for line in bad_sample_summaries(trainer.data_collator.guards.values()):
+        print(line, flush=True)
     print(run_summary(trainer), flush=True)
     if trainer.is_world_process_zero():
         print(f"saved model to {dpo_args.output_dir}")

@@ -8,37 +8,74 @@ model (adapter or full, with projector and processor) in `output_dir` itself.
 
 import sys
 
-from transformers import TrainingArguments
-
 from videollm.data.dataset import ConversationDataset, VideoCollator
+from videollm.data.feature_cache import CachedFeatureCollator, CachedFeatureDataset, FeatureCache, FeatureCacheError
 from videollm.data.formats import DataValidationError, load_conversations
+from videollm.data.packing import PackingCollator, dense_packing_warning
+from videollm.data.robust import (
+    BadSampleError,
+    BadSampleLimitExceeded,
+    BadSamplePolicy,
+    bad_sample_summaries,
+    failure_message,
+    load_for_policy,
+)
 from videollm.train.config import DataArguments, ModelArguments, parse_config
+from videollm.train.guards import NonFiniteTrainingError
 from videollm.train.setup import load_or_build, run_summary
-from videollm.train.sft import VideoSFTTrainer
+from videollm.train.sft import VideoSFTConfig, VideoSFTTrainer
 
 
 def main() -> None:
-    model_args, data_args, training_args = parse_config([ModelArguments, DataArguments, TrainingArguments])
+    model_args, data_args, training_args = parse_config([ModelArguments, DataArguments, VideoSFTConfig])
     if data_args.train_file is None:
         sys.exit("error: train_file is required")
 
-    # Validate every record (schema, placeholders, video files) before any model is built.
+    # Validate every record (schema, placeholders, video files) before any model is built; with bad_sample_policy: skip
+    # a missing video is replaced and quarantined during training, like a corrupt one.
+    bad_samples = BadSamplePolicy.from_args(data_args, training_args)
     try:
-        train_records = load_conversations(data_args.train_file, video_root=data_args.video_root)
-        eval_records = load_conversations(data_args.eval_file, video_root=data_args.video_root) if data_args.eval_file else None
+        train_records = load_for_policy(load_conversations, data_args.train_file, data_args.video_root, bad_samples)
+        eval_records = (
+            load_for_policy(load_conversations, data_args.eval_file, data_args.video_root, bad_samples)
+            if data_args.eval_file
+            else None
+        )
     except DataValidationError as error:
         sys.exit(f"error: invalid data, nothing was trained:\n{error}")
 
-    model, processor = load_or_build(model_args, data_args)
+    model, processor = load_or_build(model_args, data_args, seed=training_args.seed)
+    collator = PackingCollator() if data_args.packing else VideoCollator(processor)
+    if data_args.packing and (note := dense_packing_warning(model.config.text_config._attn_implementation)):
+        print(f"warning: {note}", file=sys.stderr, flush=True)
+    if data_args.feature_cache_dir:
+        # Cached frozen-tower features replace decoding and the tower forward; a cache of other weights/spec is refused.
+        try:
+            cache = FeatureCache.open(data_args.feature_cache_dir, model, processor, video_root=data_args.video_root)
+            train_dataset = CachedFeatureDataset(train_records, processor, cache, bad_samples)
+            eval_dataset = CachedFeatureDataset(eval_records, processor, cache, bad_samples, name="eval") if eval_records else None
+        except FeatureCacheError as error:
+            sys.exit(f"error: {error}")
+        collator = CachedFeatureCollator(collator)
+    else:
+        train_dataset = ConversationDataset(train_records, processor, bad_samples)
+        eval_dataset = ConversationDataset(eval_records, processor, bad_samples, name="eval") if eval_records else None
     trainer = VideoSFTTrainer(
         model=model,
         args=training_args,
-        train_dataset=ConversationDataset(train_records, processor),
-        eval_dataset=ConversationDataset(eval_records, processor) if eval_records else None,
-        data_collator=VideoCollator(processor),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
         processing_class=processor,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except NonFiniteTrainingError as error:
+        sys.exit(f"error: {error}")
+    except (BadSampleError, BadSampleLimitExceeded) as error:
+        sys.exit(f"error: {failure_message(error)}")
+    for line in bad_sample_summaries([train_dataset.guard, eval_dataset.guard if eval_dataset else None]):
+        print(line, flush=True)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
     print(run_summary(trainer), flush=True)

@@ -8,9 +8,10 @@ swscale, so all of them return bit-identical RGB frames (the tests check this).
 
 from __future__ import annotations
 
+import importlib
+import json
 import math
 import os
-import pickle
 import re
 import socket
 import subprocess
@@ -20,8 +21,10 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from multiprocessing import BufferTooShort
 from multiprocessing.connection import Connection
 from pathlib import Path
+from types import MappingProxyType
 
 import av
 import numpy as np
@@ -44,6 +47,10 @@ _PREFERENCE = ("torchcodec", "pyav", "decord")
 # Starting a worker imports torch and the decoders; this bounds how long that may take, separately from the
 # per-video timeout.
 _WORKER_START_TIMEOUT_S = 120.0
+
+# resize_frames converts frames to float32 in chunks of at most this many bytes (and at most 8 frames), so that a
+# 4000x4000 clip is resized one frame at a time instead of needing gigabytes at once.
+_RESIZE_CHUNK_BYTES = 256 * 2**20
 
 
 class VideoDecodeError(Exception):
@@ -156,9 +163,10 @@ def register_backend(name: str, reader: Reader) -> None:
     """Add (or replace) a decoding backend usable as ``read_video(..., backend=name)``.
 
     `reader(path, indices)` gets strictly increasing frame indices and returns uint8 RGB frames
-    ``(len(indices), H, W, 3)``. For use with a timeout (`FrameReader`) the reader is pickled by reference
-    into the decode process, so it must be a module-level function of an importable module (not a lambda,
-    closure, or function defined in ``__main__``).
+    ``(len(indices), H, W, 3)``. For use with a timeout (`FrameReader`) the decode process is told the reader's
+    ``module:qualname`` and imports it, so it must be a module-level function of an importable module (not a
+    lambda, closure, or function defined in ``__main__``). A backend can also be named by that reference directly,
+    e.g. ``read_video(..., backend="mypackage.decoders:read")``, without registering it.
 
     Raises:
         ValueError: the name is ``"auto"`` or one of the built-in backends.
@@ -185,14 +193,59 @@ def available_backends() -> list[str]:
     return builtins + [name for name in _BACKENDS if name not in _BACKEND_MODULES]
 
 
+def _import_reader(reference: str) -> Reader:
+    """The function a ``"module:qualname"`` reference names, imported with importlib.
+
+    Raises:
+        ImportError / AttributeError: the module or the name does not exist.
+        TypeError: the name is not callable.
+    """
+    module_name, _, qualname = reference.partition(":")
+    if not module_name or not qualname:
+        raise ValueError(f"{reference!r} is not a 'module:function' reference")
+    target = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    if not callable(target):
+        raise TypeError(f"{reference!r} is not callable")
+    return target
+
+
+def _reader_reference(name: str, reader: Reader) -> str:
+    """``module:qualname`` of a reader, checked to import back to the same function (so a decode process can)."""
+    module_name = getattr(reader, "__module__", None)
+    qualname = getattr(reader, "__qualname__", None)
+    problem = None
+    if not module_name or not qualname or module_name == "__main__" or "<" in qualname:
+        problem = f"{module_name}:{qualname} is not importable by name"
+    else:
+        reference = f"{module_name}:{qualname}"
+        try:
+            if _import_reader(reference) is reader:
+                return reference
+            problem = f"{reference} imports to a different object"
+        except (ImportError, AttributeError, TypeError, ValueError) as e:
+            problem = f"{reference} cannot be imported ({e})"
+    raise TypeError(
+        f"backend {name!r} cannot be sent to the decode process: {problem}; register a module-level function"
+    )
+
+
 def _resolve_backend(backend: str) -> tuple[str, Reader]:
+    if isinstance(backend, str) and ":" in backend:
+        try:
+            return backend, _import_reader(backend)
+        except (ImportError, AttributeError, TypeError, ValueError) as e:
+            raise ValueError(f"video backend {backend!r} cannot be imported: {e}") from e
     if backend == "auto":
         for name in _PREFERENCE:
             if _importable(_BACKEND_MODULES[name]):
                 return name, _BACKENDS[name]
         raise RuntimeError("no video decoding backend is importable (install av, torchcodec or decord)")
     if backend not in _BACKENDS:
-        raise ValueError(f"unknown video backend {backend!r}; choose 'auto' or one of {sorted(_BACKENDS)}")
+        raise ValueError(
+            f"unknown video backend {backend!r}; choose 'auto', one of {sorted(_BACKENDS)}, or a 'module:function'"
+        )
     if backend in _BACKEND_MODULES and not _importable(_BACKEND_MODULES[backend]):
         raise ValueError(f"video backend {backend!r} is not installed or fails to import here")
     return backend, _BACKENDS[backend]
@@ -322,7 +375,8 @@ def resize_frames(frames: torch.Tensor, size: int) -> torch.Tensor:
 
     Written in torch because torchvision is unusable in this stack. The aspect ratio is not kept (like the
     SigLIP/CLIP image processors, which also resize to a square). Bicubic with antialiasing matches those
-    processors' PIL resampling closely. Frames are processed in chunks to bound the float32 working memory.
+    processors' PIL resampling closely. Frames are processed in chunks to bound the float32 working memory
+    (one frame at a time for very large frames).
     """
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"resize_frames expects uint8 (T, 3, H, W), got {frames.dtype} {tuple(frames.shape)}")
@@ -331,10 +385,12 @@ def resize_frames(frames: torch.Tensor, size: int) -> torch.Tensor:
     if frames.shape[-2:] == (size, size):
         return frames
     out = torch.empty((frames.shape[0], 3, size, size), dtype=torch.uint8)
-    for start in range(0, frames.shape[0], 8):
-        chunk = frames[start : start + 8].float()
+    frame_bytes = 4 * frames[0].numel()
+    step = max(1, min(8, _RESIZE_CHUNK_BYTES // frame_bytes))
+    for start in range(0, frames.shape[0], step):
+        chunk = frames[start : start + step].float()
         resized = F.interpolate(chunk, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-        out[start : start + 8] = resized.round_().clamp_(0, 255).to(torch.uint8)
+        out[start : start + step] = resized.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
 
@@ -485,30 +541,80 @@ def _check_image_fps(image_fps: float) -> None:
 # -------------------------------------------------------------------------------------------- timed decoding
 
 
+# The decode process and its parent talk in JSON messages and raw frame bytes; nothing received is unpickled. A
+# request names the reader as "module:qualname" (checked by the parent to import back to the registered function),
+# and the process imports it.
+#
+#   request  {"source": path | [paths], "spec": SamplingSpec.to_dict(), "backend": name, "reader": "module:qualname",
+#             "image_fps": float}
+#   reply    {"status": "ok", "shape": [T, 3, H, W], "dtype": "uint8", "indices", "timestamps", "duration", "path"}
+#            followed by one message of T*3*H*W bytes (C order); or
+#            {"status": "error", "type": "VideoDecodeError", "path", "reason"} | {"status": "error", "type", "message"}
+
+# Exception types a decode process may report that the parent raises as themselves; any other becomes RuntimeError.
+_REMOTE_ERRORS = MappingProxyType({"ValueError": ValueError, "TypeError": TypeError, "RuntimeError": RuntimeError})
+
+
+def _send_json(conn: Connection, message: dict) -> None:
+    conn.send_bytes(json.dumps(message).encode("utf-8"))
+
+
+def _recv_json(conn: Connection) -> dict:
+    return json.loads(conn.recv_bytes().decode("utf-8"))
+
+
+def _error_reply(error: Exception) -> dict:
+    if isinstance(error, VideoDecodeError):
+        return {"status": "error", "type": "VideoDecodeError", "path": error.path, "reason": error.reason}
+    return {"status": "error", "type": type(error).__name__, "message": str(error)}
+
+
+def _raise_remote_error(reply: dict) -> None:
+    if reply.get("type") == "VideoDecodeError":
+        raise VideoDecodeError(reply["path"], reply["reason"])
+    kind = _REMOTE_ERRORS.get(reply.get("type"))
+    if kind is not None:
+        raise kind(reply.get("message", ""))
+    raise RuntimeError(f"the decode process failed: {reply.get('type')}: {reply.get('message')}")
+
+
 def _worker_main(fd: int) -> None:
-    """Loop of the decode process: receive a request, decode, send frames (numpy) or the exception back."""
+    """Loop of the decode process: receive a JSON request, decode, send frames as raw bytes or the error back."""
     conn = Connection(fd)
-    conn.send(("ready",))
+    _send_json(conn, {"status": "ready"})
     while True:
         try:
             payload = conn.recv_bytes()
         except (EOFError, OSError):
             return
+        frames = None
         try:
-            source, spec, backend, reader, image_fps = pickle.loads(payload)
-            video = _decode(source, spec, backend, reader, image_fps)
-            reply = ("ok", video.frames.numpy(), video.indices, video.timestamps, video.duration, video.path)
+            request = json.loads(payload.decode("utf-8"))
+            reader = _import_reader(request["reader"])
+            spec = SamplingSpec.from_dict(request["spec"])
+            video = _decode(request["source"], spec, request["backend"], reader, float(request["image_fps"]))
+            frames = video.frames.contiguous().numpy()
+            reply = {
+                "status": "ok",
+                "shape": list(frames.shape),
+                "dtype": str(frames.dtype),
+                "indices": [int(i) for i in video.indices],
+                "timestamps": [float(t) for t in video.timestamps],
+                "duration": float(video.duration),
+                "path": video.path,
+            }
         except Exception as e:
-            reply = ("error", e)
+            frames, reply = None, _error_reply(e)
         try:
-            conn.send(reply)
-        except Exception as e:
-            conn.send(("error", RuntimeError(f"decode worker could not send its result back: {e!r}")))
+            _send_json(conn, reply)
+            if frames is not None:
+                conn.send_bytes(memoryview(frames.reshape(-1)))
+        except (EOFError, OSError):
+            return
 
 
-# The child imports this module by name (not via -m, which would make it __main__ and give its classes the
-# wrong module for pickling) after taking the parent's sys.path, so registered readers in test or user modules
-# resolve as they do in the parent.
+# The child imports this module by name (not via -m, which would make it __main__) after taking the parent's
+# sys.path, so readers in test or user modules import in it as they do in the parent.
 _BOOTSTRAP = (
     "import sys; sys.path[:0] = sys.argv[2:]; "
     "from videollm.data.video import _worker_main; _worker_main(int(sys.argv[1]))"
@@ -538,6 +644,9 @@ class FrameReader:
     DataLoader workers are daemonic and `multiprocessing` forbids daemonic processes to have children; a
     subprocess works inside them. It also exits on its own when its parent goes away (end of file on the socket).
 
+    Requests and replies are JSON plus the raw frame bytes (no pickle): the backend travels as the
+    ``module:qualname`` of its reader, which the decode process imports.
+
     The reader pickles without its process, so it can sit in a Dataset sent to DataLoader workers; each copy
     starts its own process on first use. With ``timeout=None`` it decodes in the calling process.
     """
@@ -566,27 +675,49 @@ class FrameReader:
             return _decode(source, self.spec, name, reader, self.image_fps)
         source = str(source) if isinstance(source, (str, Path)) else [str(s) for s in source]
         label = _label(source)
-        try:
-            request = pickle.dumps((source, self.spec, name, reader, self.image_fps))
-        except (pickle.PicklingError, AttributeError, TypeError) as e:
-            raise TypeError(
-                f"backend {name!r} cannot be sent to the decode process ({e}); register a module-level function"
-            ) from e
+        request = {
+            "source": source,
+            "spec": self.spec.to_dict(),
+            "backend": name,
+            "reader": name if ":" in name else _reader_reference(name, reader),
+            "image_fps": float(self.image_fps),
+        }
         with self._lock:
             conn = self._ensure_worker()
-            conn.send_bytes(request)
-            if not conn.poll(self.timeout):
-                self._kill_worker()
-                raise VideoDecodeError(label, f"decoding timed out after {self.timeout:g}s")
             try:
-                reply = conn.recv()
+                _send_json(conn, request)
+                reply = self._receive(conn, label)
+                if reply["status"] == "ok":
+                    if reply["dtype"] != "uint8" or len(reply["shape"]) != 4:
+                        raise RuntimeError(f"the decode process sent {reply['dtype']} {reply['shape']}, not uint8")
+                    frames = torch.empty(reply["shape"], dtype=torch.uint8)
+                    self._receive(conn, label, into=frames)
             except (EOFError, OSError):
                 code = self._kill_worker()
                 raise VideoDecodeError(label, f"the decode process died (exit code {code})") from None
-        if reply[0] == "error":
-            raise reply[1]
-        _, frames, indices, timestamps, duration, path = reply
-        return DecodedVideo(torch.from_numpy(frames), indices, timestamps, duration, path)
+            except BaseException:
+                # A time limit, an interrupt (an alarm, Ctrl-C) or a garbled reply: the process may still send this
+                # request's answer later, which the next request would take for its own. It is not reused.
+                self._kill_worker()
+                raise
+        if reply["status"] != "ok":
+            _raise_remote_error(reply)
+        return DecodedVideo(frames, reply["indices"], reply["timestamps"], reply["duration"], reply["path"])
+
+    def _receive(self, conn: Connection, label: str, into: torch.Tensor | None = None) -> dict | None:
+        """The next message within the time limit: a JSON reply, or raw frame bytes written into `into`."""
+        if not conn.poll(self.timeout):
+            self._kill_worker()
+            raise VideoDecodeError(label, f"decoding timed out after {self.timeout:g}s")
+        if into is None:
+            return _recv_json(conn)
+        try:
+            size = conn.recv_bytes_into(into.view(-1).numpy())
+        except BufferTooShort:
+            size = -1
+        if size != into.numel():
+            raise RuntimeError(f"the decode process sent the wrong number of frame bytes (expected {into.numel()})")
+        return None
 
     def _ensure_worker(self) -> Connection:
         if self._process is not None and self._owner_pid != os.getpid():
@@ -615,10 +746,13 @@ class FrameReader:
             self._kill_worker()
             raise RuntimeError(f"the decode process did not start within {_WORKER_START_TIMEOUT_S:g}s")
         try:
-            conn.recv()
+            ready = _recv_json(conn)
         except (EOFError, OSError):
             code = self._kill_worker()
             raise RuntimeError(f"the decode process failed to start (exit code {code}); see its error above") from None
+        if ready.get("status") != "ready":
+            self._kill_worker()
+            raise RuntimeError(f"the decode process sent {ready!r} instead of its ready message")
         return conn
 
     def _kill_worker(self) -> int | None:

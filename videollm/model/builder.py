@@ -23,17 +23,21 @@ from videollm.model.modeling import VideoLLMForConditionalGeneration
 from videollm.model.projectors import build_projector
 
 
-def resolve_vision_config(vision: str | PretrainedConfig) -> PretrainedConfig:
+def resolve_vision_config(vision: str | PretrainedConfig, trust_remote_code: bool = False) -> PretrainedConfig:
     """The vision-tower config of a name/path or config; a full CLIP/SigLIP model contributes its vision half."""
-    config = AutoConfig.from_pretrained(vision) if isinstance(vision, (str, Path)) else vision
+    config = AutoConfig.from_pretrained(vision, trust_remote_code=trust_remote_code) if isinstance(vision, (str, Path)) else vision
     return getattr(config, "vision_config", None) or config
 
 
-def _load_vision_tower(vision: str | PretrainedConfig, config: PretrainedConfig, dtype: torch.dtype | None):
+def _load_vision_tower(
+    vision: str | PretrainedConfig, config: PretrainedConfig, dtype: torch.dtype | None, trust_remote_code: bool
+):
     if not isinstance(vision, (str, Path)):
         return AutoModel.from_config(config)
     tower_class = MODEL_MAPPING[type(config)]
-    return tower_class.from_pretrained(str(vision), config=config, dtype=dtype)
+    return tower_class.from_pretrained(
+        str(vision), config=config, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
 
 
 def _vision_mean_std(vision: str | PretrainedConfig, config: PretrainedConfig) -> tuple[list[float], list[float]]:
@@ -70,20 +74,22 @@ def build_model_and_processor(
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
     processor_kwargs: dict | None = None,
+    trust_remote_code: bool = False,
     **config_kwargs: Any,
 ) -> tuple[VideoLLMForConditionalGeneration, VideoLLMProcessor]:
     """Assemble a new video LLM from a vision tower, a projector (fresh) and a causal LM.
 
     `tokenizer` is a tokenizer object or name/path (default: the LLM's). The video placeholder is added to it when
-    missing and the embeddings grow to match. `sampling.frame_size` is set to the vision tower's input size.
+    missing and the embeddings grow to match. `sampling.frame_size` is set to the vision tower's input size. Weights
+    load from safetensors only; code shipped with a hub repository runs only with `trust_remote_code`.
     """
-    vision_config = resolve_vision_config(vision)
-    text_config = AutoConfig.from_pretrained(text) if isinstance(text, (str, Path)) else text
+    vision_config = resolve_vision_config(vision, trust_remote_code)
+    text_config = AutoConfig.from_pretrained(text, trust_remote_code=trust_remote_code) if isinstance(text, (str, Path)) else text
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         source = tokenizer or text
         if not isinstance(source, (str, Path)):
             raise ValueError("tokenizer: required when the LLM is given as a config (no checkpoint to take it from)")
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     if VIDEO_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [VIDEO_TOKEN]})
     if tokenizer.pad_token is None:
@@ -100,7 +106,7 @@ def build_model_and_processor(
     )
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
-    model = _assemble(config, vision, text, dtype)
+    model = _assemble(config, vision, text, dtype, trust_remote_code)
     resize_vocab_deterministically(model, len(tokenizer))
 
     mean, std = _vision_mean_std(vision, vision_config)
@@ -119,17 +125,24 @@ def build_model_and_processor(
 
 
 def _assemble(
-    config: VideoLLMConfig, vision: str | PretrainedConfig, text: str | PretrainedConfig, dtype: torch.dtype | None
+    config: VideoLLMConfig,
+    vision: str | PretrainedConfig,
+    text: str | PretrainedConfig,
+    dtype: torch.dtype | None,
+    trust_remote_code: bool = False,
 ) -> VideoLLMForConditionalGeneration:
     """Skeleton on the meta device, then the real parts slotted in: no weights are allocated twice."""
     with torch.device("meta"):
         model = VideoLLMForConditionalGeneration(config)
-    model.model.vision_tower = _load_vision_tower(vision, config.vision_config, dtype)
+    model.model.vision_tower = _load_vision_tower(vision, config.vision_config, dtype, trust_remote_code)
     if isinstance(text, (str, Path)):
         # The checkpoint's embeddings have its own vocabulary size; the caller grows them to the tokenizer's.
         checkpoint_config = copy.deepcopy(config.text_config)
-        checkpoint_config.vocab_size = AutoConfig.from_pretrained(str(text)).vocab_size
-        llm = AutoModelForCausalLM.from_pretrained(str(text), config=checkpoint_config, dtype=dtype)
+        remote = {"trust_remote_code": trust_remote_code}
+        checkpoint_config.vocab_size = AutoConfig.from_pretrained(str(text), **remote).vocab_size
+        llm = AutoModelForCausalLM.from_pretrained(
+            str(text), config=checkpoint_config, dtype=dtype, use_safetensors=True, **remote
+        )
         llm.config = config.text_config
         getattr(llm, llm.base_model_prefix).config = config.text_config
     else:

@@ -26,14 +26,21 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 
 def save_checkpoint(
-    model: nn.Module, processor: VideoLLMProcessor | None, output_dir: str | Path, state_dict: dict | None = None
+    model: nn.Module,
+    processor: VideoLLMProcessor | None,
+    output_dir: str | Path,
+    state_dict: dict | None = None,
+    is_main_process: bool = True,
 ) -> None:
     """Write the model (full or adapter), its videollm config and the processor to `output_dir`.
 
     state_dict: the gathered weights when the live ones are sharded (DeepSpeed ZeRO-3, FSDP).
+    is_main_process: False on a rank that only takes part in the collectives of a sharded save and writes nothing.
     """
     output_dir = Path(output_dir)
-    model.save_pretrained(output_dir, state_dict=state_dict)
+    model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=is_main_process)
+    if not is_main_process:
+        return
     unwrap(model).config.save_pretrained(output_dir)
     if processor is not None:
         processor.save_pretrained(output_dir)

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from videollm.model.configuration import VideoLLMConfig
+from videollm.model.loss import causal_lm_loss
 from videollm.model.projectors import build_projector
 
 
@@ -89,6 +91,21 @@ class VideoLLMModel(VideoLLMPreTrainedModel):
         blank = like.new_zeros(1, 3, size, size)
         return torch.cat(self.get_video_features(blank, [1])).sum()
 
+    def _needs_dummy_video(self, past_key_values: Cache | None) -> bool:
+        """Whether a forward without video must still run the vision path, as the forwards of other ranks may.
+
+        With gradients (training), always: DDP and ZeRO need a gradient for every trainable weight on every rank.
+        Without gradients (evaluation, reference passes), only when the vision weights are sharded (ZeRO-3 params
+        carry `ds_id`, FSDP2 params are DTensors): every forward gathers them collectively. Decoding steps after the
+        prefill never see video on any rank, so they skip it.
+        """
+        if self.training and torch.is_grad_enabled():
+            return True
+        weight = next(self.vision_tower.parameters())
+        if not (hasattr(weight, "ds_id") or isinstance(weight, DTensor)):
+            return False
+        return past_key_values is None or past_key_values.get_seq_length() == 0
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -120,7 +137,7 @@ class VideoLLMModel(VideoLLMPreTrainedModel):
                 raise ValueError("pixel_values_videos needs video_num_frames (frames per video, in order)")
             video_features = self.get_video_features(pixel_values_videos, video_num_frames)
             inputs_embeds = self._scatter_video_features(input_ids, inputs_embeds, video_features)
-        elif self.training and torch.is_grad_enabled():
+        elif self._needs_dummy_video(past_key_values):
             inputs_embeds = inputs_embeds + 0.0 * self._dummy_video_features(inputs_embeds).to(inputs_embeds.dtype)
 
         outputs = self.language_model(
@@ -202,8 +219,24 @@ class VideoLLMForConditionalGeneration(VideoLLMPreTrainedModel, GenerationMixin)
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        video_frame_features: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """In training, a forward with `labels` returns the loss and no logits (see `videollm.model.loss`).
+
+        `video_frame_features` are cached vision-tower outputs (`videollm.data.feature_cache`, `encode_frames` layout):
+        the tower is skipped and only the projector runs on them.
+        """
+        if video_frame_features is not None:
+            if video_embeds is not None or pixel_values_videos is not None:
+                raise ValueError("pass one of pixel_values_videos, video_embeds or video_frame_features")
+            if video_num_frames is None:
+                raise ValueError("video_frame_features needs video_num_frames (frames per video, in order)")
+            video_embeds = torch.cat(self.model.get_video_features(None, video_num_frames, frame_features=video_frame_features))
+        if labels is not None and use_cache is None:
+            # A loss needs no KV cache, and packed rows (position_ids restarting per sample) must not build one: with
+            # a cache, transformers' masks stop separating the samples.
+            use_cache = False
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -217,6 +250,22 @@ class VideoLLMForConditionalGeneration(VideoLLMPreTrainedModel, GenerationMixin)
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        if labels is not None and self.training and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+            # Training never materialises full-vocabulary logits: the LM head runs at the label positions only.
+            loss = causal_lm_loss(
+                hidden_states,
+                self.lm_head,
+                labels,
+                shift_labels=kwargs.get("shift_labels"),
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
+            return CausalLMOutputWithPast(
+                loss=loss,
+                logits=None,
+                past_key_values=outputs.past_key_values,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+            )
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden_states = hidden_states[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):

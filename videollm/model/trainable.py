@@ -80,3 +80,30 @@ def apply_trainable_policy(model: VideoLLMForConditionalGeneration, policy: Trai
 def unwrap(model: nn.Module) -> VideoLLMForConditionalGeneration:
     """The VideoLLM under a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def parameter_groups(
+    model: nn.Module,
+    learning_rate: float,
+    weight_decay: float,
+    decay_names: set[str],
+    projector_lr: float | None = None,
+    vision_lr: float | None = None,
+) -> list[dict]:
+    """Optimizer parameter groups with a learning rate per part (LLaVA's `mm_projector_lr` / `mm_vision_tower_lr`).
+
+    A projector or vision tower trained as fast as a small LLM can lose what its random or pretrained features knew:
+    on the synthetic task, mixing colour and shape questions with motion questions at one rate turned the projector
+    into a colour/shape encoder and motion stayed at chance, while a 10x lower projector rate learnt all three.
+    Frame-index embeddings are new parameters that carry time; they train at the main rate. `decay_names` are the parameter names that take weight decay (the Trainer's `get_decay_parameter_names`).
+    """
+    rates = {"projector": projector_lr, "vision_tower": vision_lr}
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        part = next((p for p in rates if f".{p}." in f".{name}." and "frame_embedding" not in name), None)
+        rate = rates[part] if part is not None and rates[part] is not None else learning_rate
+        decay = weight_decay if name in decay_names else 0.0
+        groups.setdefault((rate, decay), []).append(parameter)
+    return [{"params": params, "lr": rate, "weight_decay": decay} for (rate, decay), params in groups.items()]

@@ -33,11 +33,12 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from videollm.data.formats import load_preferences, write_jsonl
 from videollm.data.processor import VideoLLMProcessor
+from videollm.data.robust import BadSampleCollator, BadSamplePolicy
 from videollm.data.video import DecodedVideo
-from videollm.selftrain.verifiers import normalize_answer
 from videollm.model.checkpoint import is_adapter_checkpoint, load_model, save_checkpoint
 from videollm.model.trainable import unwrap
 from videollm.selftrain import preferences
+from videollm.selftrain.verifiers import normalize_answer
 from videollm.selftrain.runs import (
     RESUMABLE_KEYS,
     Prompt,
@@ -62,7 +63,13 @@ from videollm.selftrain.runs import (
     write_summary,
 )
 from videollm.train.config import DataArguments, ModelArguments
-from videollm.train.dpo import VideoDPOConfig, VideoDPOTrainer, build_preference_dataset, preference_rows
+from videollm.train.dpo import (
+    PreferenceCollator,
+    VideoDPOConfig,
+    VideoDPOTrainer,
+    build_preference_dataset,
+    preference_rows,
+)
 from videollm.train.setup import load_or_build
 
 logger = logging.getLogger(__name__)
@@ -201,8 +208,19 @@ def train_preferences(
     rows = preference_rows(load_preferences(pairs_file, video_root=data_args.video_root))
     dataset = build_preference_dataset(rows, processor, cache_dir=str(step_dir / "datasets"))
     args = dataclasses.replace(dpo_args, output_dir=str(output_dir), rounds=1, round_train_files=None)
+    collator = BadSampleCollator(
+        PreferenceCollator(processor, mark_phrases="rrpo" in args.loss_type),
+        processor.load_video,
+        {"train": dataset},
+        BadSamplePolicy.from_args(data_args, args),
+    )
     trainer = VideoDPOTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=processor, callbacks=list(callbacks or [])
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=list(callbacks or []),
     )
     resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     trainer.train(resume_from_checkpoint=resume)

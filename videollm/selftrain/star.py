@@ -30,6 +30,7 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from videollm.data.dataset import ConversationDataset, VideoCollator
+from videollm.data.robust import BadSamplePolicy
 from videollm.data.formats import load_conversations, write_jsonl
 from videollm.data.processor import VideoLLMProcessor
 from videollm.selftrain.verifiers import normalize_answer
@@ -134,7 +135,7 @@ def train_on_kept(
     trainer = VideoSFTTrainer(
         model=model,
         args=args,
-        train_dataset=ConversationDataset(records, processor),
+        train_dataset=ConversationDataset(records, processor, BadSamplePolicy.from_args(data_args, args)),
         data_collator=VideoCollator(processor),
         processing_class=processor,
         callbacks=list(callbacks or []),

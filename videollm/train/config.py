@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from trl import TrlParser
 
+from videollm.data.robust import BAD_SAMPLE_ACTIONS
 from videollm.data.sampling import SamplingSpec
 from videollm.model.configuration import PROJECTOR_TYPES
 from videollm.model.trainable import TrainablePolicy
@@ -98,10 +99,45 @@ class DataArguments:
     max_frames: int | None = field(default=None, metadata={"help": "cap on frames when sampling by fps"})
     timestamps_in_prompt: bool = field(default=False, metadata={"help": "tell the model when each frame was taken"})
     max_length: int | None = field(default=None, metadata={"help": "longest token sequence; visual tokens are never cut"})
-    decode_backend: str = field(default="auto", metadata={"help": "auto | torchcodec | decord | pyav"})
-    decode_timeout: float = field(default=60.0, metadata={"help": "seconds one video may take to decode"})
+    decode_backend: str = field(
+        default="auto", metadata={"help": "auto | torchcodec | decord | pyav, or a reader function as module:function"}
+    )
+    decode_timeout: float = field(
+        default=60.0,
+        metadata={"help": "seconds one video may take to decode (in a separate process, killed past the limit)"},
+    )
+    bad_sample_policy: str = field(
+        default="skip",
+        metadata={
+            "help": "a video that cannot be decoded: skip (replace the sample, log it, list it in "
+            "output_dir/quarantine.jsonl) | error (stop at the first one)"
+        },
+    )
+    max_bad_fraction: float = field(
+        default=0.01,
+        metadata={
+            "help": "skip: stop once more than this fraction of a rank's samples is unreadable (of its share of the "
+            "data, or of the samples seen once 1/max_bad_fraction were; see videollm.data.robust.exceeds_limit)"
+        },
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "padding-free batches: each batch's samples in one row, positions restarting per sample "
+                  "(flash-attention varlen on GPU, a block-diagonal mask with sdpa/eager); same steps and loss"},
+    )  # fmt: skip
+    feature_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "read frozen vision-tower (or tower + projector) outputs from this cache instead of decoding "
+                  "videos; build it with data_tools/cache_features.py. A cache of other weights or spec is refused"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
+        if self.bad_sample_policy not in BAD_SAMPLE_ACTIONS:
+            raise ValueError(f"bad_sample_policy: {self.bad_sample_policy!r} is not one of {' | '.join(BAD_SAMPLE_ACTIONS)}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction: must be between 0 and 1, got {self.max_bad_fraction}")
+        if not self.decode_timeout > 0:
+            raise ValueError(f"decode_timeout: must be a positive number of seconds, got {self.decode_timeout}")
         for name in ("train_file", "eval_file", "video_root"):
             value = getattr(self, name)
             if value is not None and not Path(value).exists():

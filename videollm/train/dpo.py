@@ -41,10 +41,14 @@ from trl.trainer.utils import use_adapter
 
 from videollm.data.formats import DataValidationError, PreferenceRecord
 from videollm.data.processor import IGNORE_INDEX, VideoLLMProcessor
+from videollm.data.robust import BadSampleCollator, BadSamplePolicy
 from videollm.data.video import DecodedVideo
 from videollm.model.checkpoint import save_checkpoint
 from videollm.model.modeling import VideoLLMForConditionalGeneration
 from videollm.model.trainable import TrainablePolicy, apply_trainable_policy, unwrap
+from videollm.train.optim import PartLearningRateArguments, PartLearningRateMixin
+from videollm.train.checkpointing import CheckpointMixin
+from videollm.train.guards import DEFAULT_MAX_NONFINITE_STEPS, MAX_NONFINITE_STEPS_HELP, SAMPLE_IDS, NonFiniteGuardMixin
 from videollm.train.losses import NO_PHRASE, gather_logprobs, phrase_rewards, rrpo_loss, sft_loss, token_kl
 
 logger = logging.getLogger(__name__)
@@ -60,7 +64,7 @@ REF_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
 
 
 @dataclass
-class VideoDPOConfig(DPOConfig):
+class VideoDPOConfig(PartLearningRateArguments, DPOConfig):
     """TRL's DPOConfig plus RRPO and multi-round options.
 
     `max_length` is not a key here: the data keys own it (`DataArguments.max_length`), and the processor applies it
@@ -79,6 +83,7 @@ class VideoDPOConfig(DPOConfig):
         default=None,
         metadata={"help": "one preference file per round, in order (a curriculum, e.g. coarse to fine perturbations)"},
     )
+    max_nonfinite_steps: int = field(default=DEFAULT_MAX_NONFINITE_STEPS, metadata={"help": MAX_NONFINITE_STEPS_HELP})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -182,7 +187,8 @@ class PreferenceCollator:
 
     `videos` holds paths (decoded with the processor's sampling spec) or already decoded `DecodedVideo`s.
     Each video is decoded once and its frames appear once (`pixel_values_videos`, `video_num_frames`); the trainer
-    encodes them once and reuses the result for both halves. With `mark_phrases`, `phrase_ids` gives each answer
+    encodes them once and reuses the result for both halves. `sample_ids` lists the pairs' ids (for the non-finite
+    guard's reports; the model never sees them). With `mark_phrases`, `phrase_ids` gives each answer
     token its RRPO phrase index (-1 outside); a pair without marked phrases counts each whole answer as one phrase.
     """
 
@@ -190,7 +196,7 @@ class PreferenceCollator:
         self.processor = processor
         self.mark_phrases = mark_phrases
 
-    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         chosen, rejected, frames, num_frames = [], [], [], []
         for example in examples:
             videos = [v if isinstance(v, DecodedVideo) else self.processor.load_video(v) for v in example["videos"]]
@@ -208,6 +214,7 @@ class PreferenceCollator:
         if frames:
             batch["pixel_values_videos"] = torch.cat(frames)
             batch["video_num_frames"] = torch.tensor(num_frames, dtype=torch.long)
+        batch[SAMPLE_IDS] = [str(example.get("id", "")) for example in examples]
         if self.mark_phrases:
             batch["phrase_ids"] = self._phrase_ids(examples, rows, batch["input_ids"].shape[1])
         for key in REF_COLUMNS:
@@ -271,8 +278,11 @@ def is_untrained_adapter(model: nn.Module) -> bool:
 # ---- trainer ---------------------------------------------------------------------------------------------------------
 
 
-class VideoDPOTrainer(DPOTrainer):
+class VideoDPOTrainer(CheckpointMixin, NonFiniteGuardMixin, PartLearningRateMixin, DPOTrainer):
     """TRL's DPOTrainer for `VideoLLMForConditionalGeneration`: encode each video once, share it, keep TRL's losses.
+
+    Checkpoints are videollm checkpoints, written atomically (`CheckpointMixin`); non-finite steps are skipped and
+    counted (`NonFiniteGuardMixin`).
 
     Takes the same arguments as `DPOTrainer`; `processing_class` must be the model's `VideoLLMProcessor` and the
     datasets come from `build_preference_dataset`. A model without LoRA and without precomputed reference log-probs
@@ -336,13 +346,21 @@ class VideoDPOTrainer(DPOTrainer):
         A frozen vision tower and projector are the same in the policy and the reference, so one no-grad encoding
         serves both. A trained projector differs from the reference's: the frozen tower still runs once, and its
         features are projected twice.
+
+        A batch without video encodes one blank frame the same way and returns zero visual tokens that stay attached
+        to the graph: every rank then runs the same vision modules in the same order, as ZeRO-3/FSDP need (they gather
+        weights collectively in each module's forward), and every trained vision weight gets a (zero) gradient, as
+        DDP needs. The model's own blank-frame pass (`VideoLLMModel._needs_dummy_video`) does not fire then: its
+        forwards receive `video_embeds` on every rank.
         """
         pixel_values = inputs.pop("pixel_values_videos", None)
         num_frames = inputs.pop("video_num_frames", None)
-        if pixel_values is None:
-            return None, None
-        vision_frozen, projector_frozen = self._frozen("vision_tower"), self._frozen("projector")
         policy_model = self.accelerator.unwrap_model(self.model)
+        text_only = pixel_values is None
+        if text_only:
+            size = unwrap(policy_model).config.frame_size
+            pixel_values, num_frames = inputs["input_ids"].new_zeros((1, 3, size, size), dtype=torch.float32), [1]
+        vision_frozen, projector_frozen = self._frozen("vision_tower"), self._frozen("projector")
         frame_features = None
         if vision_frozen:
             with torch.no_grad():
@@ -352,10 +370,14 @@ class VideoDPOTrainer(DPOTrainer):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not (vision_frozen and projector_frozen)):
                 policy = torch.cat(policy_model.get_video_features(pixel_values, num_frames, frame_features))
             if vision_frozen and projector_frozen:
-                return policy, policy
+                return (policy[:0], policy[:0]) if text_only else (policy, policy)
         reference_model = self.accelerator.unwrap_model(self._reference_model())
         with torch.no_grad(), self._reference_context():
             reference = torch.cat(reference_model.get_video_features(pixel_values, num_frames, frame_features))
+        if text_only:
+            # No rows take visual tokens; `0 * sum` keeps the blank frame's path in the backward.
+            policy = None if policy is None else policy[:0] + 0.0 * policy.sum()
+            reference = reference[:0]
         return policy, reference
 
     @staticmethod
@@ -365,13 +387,14 @@ class VideoDPOTrainer(DPOTrainer):
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference sequence log-probs of one batch (TRL calls this to precompute them), each video encoded once."""
-        inputs = {k: v for k, v in inputs.items() if k != "phrase_ids"}
+        inputs = {k: v for k, v in inputs.items() if k not in ("phrase_ids", SAMPLE_IDS)}
         _, reference = self._video_embeds(inputs, for_policy=False)
         return super().compute_ref_log_probs(model, {**inputs, **self._both_halves(reference)})
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         phrase_ids = inputs.pop("phrase_ids", None)
+        inputs.pop(SAMPLE_IDS, None)
         policy, reference = self._video_embeds(inputs, for_policy=True)
         if self.uses_rrpo:
             return self._rrpo_loss(model, inputs, policy, reference, phrase_ids, return_outputs)
@@ -431,12 +454,6 @@ class VideoDPOTrainer(DPOTrainer):
         metrics["kl/chosen"].append(gather(chosen_kl.detach()).mean().item())
         return (loss, outputs) if return_outputs else loss
 
-    # -- checkpoints ---------------------------------------------------------------------------------------------------
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = Path(output_dir or self.args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(self.model, self.processing_class, output_dir, state_dict=state_dict)
-
 
 # ---- rounds (mrDPO, curricula) ---------------------------------------------------------------------------------------
 
@@ -448,18 +465,21 @@ def train_dpo(
     eval_set: Dataset | None,
     args: VideoDPOConfig,
     policy: TrainablePolicy,
+    bad_samples: BadSamplePolicy | None = None,
 ) -> VideoDPOTrainer:
     """Train one DPO round per training set and save the final model in `args.output_dir`; return the last trainer.
 
     With several rounds, round k trains in `output_dir/round_k`; its LoRA is merged into the base and saved as a full
     checkpoint in `output_dir/round_k/merged`, which is the base and the reference of round k + 1, under a fresh LoRA
     (mrDPO). A round whose merged checkpoint exists is skipped, so an interrupted run restarts where it stopped;
-    `resume_from_checkpoint` applies to the first round that has not finished.
+    `resume_from_checkpoint` applies to the first round that has not finished. With `bad_samples`, a pair whose video
+    cannot be decoded is handled by that policy (replaced and quarantined, or a clear error; see `videollm.data.robust`).
     """
     if len(train_sets) > 1 and policy.llm != "lora":
         raise ValueError("rounds > 1 merge a LoRA after each round; set tune_llm: lora")
     resume = args.resume_from_checkpoint
     trainer = None
+    collators: dict[int, BadSampleCollator] = {}
     for index, train_set in enumerate(train_sets, start=1):
         last = index == len(train_sets)
         round_args = args
@@ -470,8 +490,24 @@ def train_dpo(
             logger.info("round %d already finished (%s); skipped", index, merged_dir)
             model = _fresh_lora(merged_dir, policy)
             continue
+        collator = None
+        if bad_samples is not None:
+            # One collator per distinct dataset, so that rounds over the same file share its bad-sample counts.
+            if id(train_set) not in collators:
+                collators[id(train_set)] = BadSampleCollator(
+                    PreferenceCollator(processor, mark_phrases="rrpo" in args.loss_type),
+                    processor.load_video,
+                    {"train": train_set, "eval": eval_set},
+                    bad_samples,
+                )
+            collator = collators[id(train_set)]
         trainer = VideoDPOTrainer(
-            model=model, args=round_args, train_dataset=train_set, eval_dataset=eval_set, processing_class=processor
+            model=model,
+            args=round_args,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            processing_class=processor,
+            data_collator=collator,
         )
         trainer.train(resume_from_checkpoint=resume)
         resume = None
@@ -481,7 +517,7 @@ def train_dpo(
             if len(train_sets) > 1:
                 trainer.save_model(args.output_dir)
             break
-        if trainer.is_world_process_zero():
+        if trainer.args.should_save:  # the rank(s) that write this node's disk (see `save_on_each_node`)
             merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
             save_checkpoint(merged, processor, merged_dir)
         trainer.accelerator.wait_for_everyone()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, set_seed
 
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.sampling import SamplingSpec
@@ -19,11 +19,17 @@ logger = logging.getLogger(__name__)
 DEFAULT_SAMPLING = SamplingSpec(num_frames=8)
 
 
-def load_or_build(model_args: ModelArguments, data_args: DataArguments) -> tuple[nn.Module, VideoLLMProcessor]:
+def load_or_build(
+    model_args: ModelArguments, data_args: DataArguments, seed: int | None = None
+) -> tuple[nn.Module, VideoLLMProcessor]:
     """Build a new model (tiny, or from a vision tower + an LLM) or load a checkpoint, then apply the trainable policy.
 
-    A checkpoint keeps its saved sampling spec unless the data keys ask for another one.
+    A checkpoint keeps its saved sampling spec unless the data keys ask for another one. With `seed`, new weights
+    (a tiny model, a new projector, LoRA) are drawn from it, so the same config builds the same model in every process
+    that builds it: the recipe, its other ranks, and `data_tools/cache_features.py`, whose cache is keyed by the weights.
     """
+    if seed is not None:
+        set_seed(seed)
     requested = data_args.sampling_spec()
     architecture = {
         "projector_type": model_args.projector_type,

@@ -1,22 +1,48 @@
 """Supervised fine-tuning on video conversations.
 
-transformers' Trainer does the loop; what video needs on top is only the checkpoint layout (adapter + projector +
-processor + config together, in `output_dir` itself), which TRL's SFTTrainer would not write either.
+transformers' Trainer does the loop, and its checkpoints already hold everything an exact resume needs (weights,
+optimizer, scheduler, per-rank RNG states, the step; the data position follows from the step, and skipped batches are
+skipped by index in the sampler, so their videos are never decoded). That holds as long as data loading draws no
+random numbers (DataLoader workers get new seeds after a resume; frame sampling is deterministic). What video training
+adds on top:
+- the checkpoint layout (adapter + projector + processor + config together, in `output_dir` itself), written by the
+  right rank, atomically, with a `latest_checkpoint` pointer (`CheckpointMixin`);
+- the non-finite guard: a NaN/inf step (one corrupt video is enough) is skipped and counted, and the run stops after
+  `max_nonfinite_steps` in a row, naming the samples (`NonFiniteGuardMixin`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
-from videollm.model.checkpoint import save_checkpoint
+from videollm.train.checkpointing import CheckpointMixin
+from videollm.train.optim import PartLearningRateArguments, PartLearningRateMixin
+from videollm.train.guards import (
+    DEFAULT_MAX_NONFINITE_STEPS,
+    MAX_NONFINITE_STEPS_HELP,
+    SAMPLE_ID,
+    NonFiniteGuardMixin,
+)
 
 
-class VideoSFTTrainer(Trainer):
-    """HF Trainer that saves every checkpoint in the videollm layout (loadable with `load_model`)."""
+@dataclass
+class VideoSFTConfig(PartLearningRateArguments, TrainingArguments):
+    """transformers' TrainingArguments plus the non-finite guard's limit.
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = Path(output_dir or self.args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(self.model, self.processing_class, output_dir, state_dict=state_dict)
+    `resume_from_checkpoint: true` (or `latest`) resumes from the checkpoint `output_dir/latest_checkpoint` names.
+    """
+
+    max_nonfinite_steps: int = field(default=DEFAULT_MAX_NONFINITE_STEPS, metadata={"help": MAX_NONFINITE_STEPS_HELP})
+
+
+class VideoSFTTrainer(CheckpointMixin, NonFiniteGuardMixin, PartLearningRateMixin, Trainer):
+    """HF Trainer with videollm checkpoints (loadable with `load_model`, crash-safe) and the non-finite guard."""
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # The Trainer drops every dataset field the model's forward does not take before collating; a sample's id must
+        # reach the collator, which lists the batch's ids under `sample_ids` for the guard (the model never sees them).
+        super()._set_signature_columns_if_needed()
+        if SAMPLE_ID not in self._signature_columns:
+            self._signature_columns.append(SAMPLE_ID)

@@ -1,0 +1,144 @@
+"""Precompute the frozen vision features of every video of a training run (see `videollm.data.feature_cache`).
+
+    python data_tools/cache_features.py --config recipes/configs/my_sft.yaml --feature_cache_dir cache/my_sft
+    accelerate launch recipes/sft.py --config recipes/configs/my_sft.yaml --feature_cache_dir cache/my_sft
+
+Takes the training config itself (model, data and trainer keys; the trainer keys give the device, dtype handling and
+`dataloader_num_workers` for decoding), builds or loads the model exactly as the recipe does, decodes every video of
+`train_file` and `eval_file` with the processor's sampling spec, and stores the tower outputs (frozen tower, trained
+projector) or the projector outputs (both frozen). Runs again resume: videos already cached are skipped. A video that
+cannot be decoded is recorded as unreadable, and training applies its `bad_sample_policy` to it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from videollm.data.feature_cache import (
+    LEVELS,
+    FeatureCacheError,
+    FeatureCacheWriter,
+    cache_identity,
+    cacheable_level,
+    encode_videos,
+)
+from videollm.data.formats import DataValidationError, load_conversations
+from videollm.data.processor import VideoLLMProcessor
+from videollm.data.video import VideoDecodeError
+from videollm.train.config import DataArguments, ModelArguments, parse_config
+from videollm.train.setup import load_or_build
+from videollm.train.sft import VideoSFTConfig
+
+
+@dataclass
+class CacheArguments:
+    """How the cache is written (the model and data keys are the training run's)."""
+
+    cache_level: str = field(
+        default="auto", metadata={"help": "auto (projector when it is frozen, else tower) | tower | projector"}
+    )
+    cache_batch_videos: int = field(default=8, metadata={"help": "videos per vision-tower forward"})
+    cache_dtype: str | None = field(
+        default=None, metadata={"help": "store features in this dtype (e.g. bfloat16 halves fp32 caches); default: as computed"}
+    )
+    cache_shard_mb: int = field(default=1024, metadata={"help": "approximate size of one safetensors shard"})
+
+
+class _Videos(Dataset):
+    """Decodes one video per item (in DataLoader workers); a decode failure is returned, not raised."""
+
+    def __init__(self, paths: Sequence[str], processor: VideoLLMProcessor):
+        self.paths = list(paths)
+        self.processor = processor
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        try:
+            video = self.processor.load_video(path)
+        except VideoDecodeError as error:
+            return path, None, None, error.reason
+        return path, video, self.processor.pixel_values(video), None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the training config, encode every uncached video, and print what was written."""
+    model_args, data_args, cache_args, training_args = parse_config(
+        [ModelArguments, DataArguments, CacheArguments, VideoSFTConfig], argv
+    )
+    if not data_args.feature_cache_dir:
+        sys.exit("error: feature_cache_dir is required (where to write the cache)")
+    if cache_args.cache_level not in ("auto", *LEVELS):
+        sys.exit(f"error: cache_level: {cache_args.cache_level!r} is not one of auto | {' | '.join(LEVELS)}")
+    try:
+        records = [
+            record
+            for source in (data_args.train_file, data_args.eval_file)
+            if source
+            for record in load_conversations(source, video_root=data_args.video_root, check_videos=False)
+        ]
+    except DataValidationError as error:
+        sys.exit(f"error: invalid data:\n{error}")
+    if not records:
+        sys.exit("error: no records: give train_file (and eval_file)")
+
+    model, processor = load_or_build(model_args, data_args, seed=training_args.seed)
+    try:
+        level = cacheable_level(model) if cache_args.cache_level == "auto" else cache_args.cache_level
+        if level == "projector" and cacheable_level(model) != "projector":
+            raise FeatureCacheError("cache_level: projector needs tune_projector: frozen (the projector would train)")
+    except FeatureCacheError as error:
+        sys.exit(f"error: {error}")
+    model = model.to(training_args.device).eval()
+    identity = cache_identity(model, processor, level)
+    writer = FeatureCacheWriter(
+        data_args.feature_cache_dir,
+        identity,
+        video_root=data_args.video_root,
+        shard_bytes=cache_args.cache_shard_mb << 20,
+        dtype=getattr(torch, cache_args.cache_dtype) if cache_args.cache_dtype else None,
+    )
+    paths = list(dict.fromkeys(path for record in records for path in record.videos))
+    todo = [path for path in paths if path not in writer]
+    print(f"{len(paths)} videos, {len(paths) - len(todo)} already cached; writing {level}-level features to {writer.folder}")
+
+    loader = DataLoader(
+        _Videos(todo, processor),
+        batch_size=cache_args.cache_batch_videos,
+        num_workers=training_args.dataloader_num_workers,
+        collate_fn=list,
+    )
+    start, done, unreadable, stored_bytes = time.perf_counter(), 0, 0, 0
+    for batch in loader:
+        readable = [(path, video, pixels) for path, video, pixels, _ in batch if video is not None]
+        for path, _, _, reason in batch:
+            if reason is not None:
+                writer.add_unreadable(path, reason)
+                unreadable += 1
+                print(f"unreadable: {path}: {reason}", file=sys.stderr)
+        if readable:
+            pixels = torch.cat([p for _, _, p in readable]).to(training_args.device)
+            features = encode_videos(model, pixels, [len(v.indices) for _, v, _ in readable], level)
+            for (path, video, _), tensor in zip(readable, features, strict=True):
+                writer.add(path, tensor, video)
+                stored_bytes += tensor.numel() * (torch.finfo(writer.dtype).bits // 8 if writer.dtype else tensor.element_size())
+        done += len(batch)
+        print(f"{done}/{len(todo)} videos, {time.perf_counter() - start:.0f} s", flush=True)
+    writer.close()
+    print(
+        f"cached {done - unreadable} videos ({stored_bytes / 2**20:.1f} MiB), {unreadable} unreadable, in "
+        f"{time.perf_counter() - start:.1f} s: {writer.folder}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

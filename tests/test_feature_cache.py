@@ -1,0 +1,188 @@
+"""The vision-feature cache: same samples and loss as decoding, never stale, wired into the SFT recipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_tools.cache_features import main as cache_features
+from videollm.data.dataset import ConversationDataset, VideoCollator
+from videollm.data.feature_cache import (
+    CachedFeatureCollator,
+    CachedFeatureDataset,
+    FeatureCache,
+    FeatureCacheError,
+    FeatureCacheWriter,
+    cache_identity,
+    encode_videos,
+)
+from videollm.data.formats import load_conversations
+from videollm.data.packing import PackingCollator
+from videollm.data.sampling import SamplingSpec
+from videollm.data.video import VideoDecodeError, write_video
+from videollm.model.checkpoint import load_model, save_checkpoint
+from videollm.model.presets import build_tiny_model_and_processor
+from videollm.model.trainable import TrainablePolicy, apply_trainable_policy
+
+REPO = Path(__file__).resolve().parents[1]
+QUESTIONS = [("What color is it?", "red"), ("Which way does it move?", "left"), ("What shape?", "a circle")]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Three 16-frame clips and four conversations (one clip asked about twice)."""
+    root = tmp_path_factory.mktemp("cache_data")
+    (root / "videos").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        write_video(root / "videos" / f"clip{i}.mp4", rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8))
+    lines = []
+    for i, (question, answer) in enumerate([*QUESTIONS, QUESTIONS[0]]):
+        conversation = [{"from": "human", "value": f"<video>\n{question}"}, {"from": "gpt", "value": answer}]
+        lines.append(json.dumps({"id": f"s{i}", "video": f"videos/clip{i % 3}.mp4", "conversations": conversation}))
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model, processor = build_tiny_model_and_processor("pool", sampling=SamplingSpec(num_frames=4))
+    path = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(model, processor, path)
+    return path
+
+
+def load(checkpoint: Path, projector: str = "full"):
+    """The checkpoint as the recipe would train it: frozen tower, the projector as asked, full LLM."""
+    model, processor = load_model(checkpoint)
+    model = apply_trainable_policy(model, TrainablePolicy(vision="frozen", projector=projector, llm="full"))
+    processor.decode_timeout = None  # decode in this process (no decode worker to start)
+    return model.train(), processor
+
+
+def cli_args(data: Path, checkpoint: Path, cache_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path", str(checkpoint), "--tune_vision", "frozen", "--tune_llm", "full",
+        "--train_file", str(data / "train.jsonl"), "--video_root", str(data), "--feature_cache_dir", str(cache_dir),
+        "--output_dir", str(cache_dir / "unused"), "--use_cpu", "true", "--report_to", "none",
+        "--dataloader_num_workers", "0", "--cache_batch_videos", "2", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tower_cache(data, checkpoint, tmp_path_factory) -> Path:
+    """A tower-level cache written by the command-line tool (the projector trains, so the tower level is chosen)."""
+    cache_dir = tmp_path_factory.mktemp("tower_cache")
+    assert cache_features(cli_args(data, checkpoint, cache_dir)) == 0
+    return cache_dir
+
+
+def losses(model, batches: list[dict]) -> list[float]:
+    return [model(**batch).loss.item() for batch in batches]
+
+
+def test_cached_samples_and_loss_equal_decoded(data, checkpoint, tower_cache):
+    model, processor = load(checkpoint)
+    records = load_conversations(data / "train.jsonl", video_root=data)
+    cache = FeatureCache.open(tower_cache, model, processor, video_root=data)
+    assert cache.level == "tower"
+    cached, decoded = CachedFeatureDataset(records, processor, cache), ConversationDataset(records, processor)
+    for index in range(len(records)):
+        ours, theirs = cached[index], decoded[index]
+        assert ours["input_ids"] == theirs["input_ids"] and ours["labels"] == theirs["labels"]
+        with torch.no_grad():
+            expected = model.model.encode_frames(theirs["pixel_values_videos"])
+        assert torch.allclose(ours["video_frame_features"], expected, atol=1e-5)
+
+    tower_calls = []
+    model.model.vision_tower.register_forward_hook(lambda *args: tower_calls.append(1))
+    samples = [cached[i] for i in range(len(records))]
+    with_cache = losses(model, [CachedFeatureCollator(VideoCollator(processor))(samples),
+                                CachedFeatureCollator(PackingCollator())(samples)])  # fmt: skip
+    assert tower_calls == []  # the tower never ran: the cache replaced it
+    decoded_loss = losses(model, [VideoCollator(processor)([decoded[i] for i in range(len(records))])])[0]
+    assert with_cache == pytest.approx([decoded_loss, decoded_loss], abs=1e-5)
+
+
+def test_rerun_resumes_without_decoding(data, checkpoint, tower_cache, capsys):
+    assert cache_features(cli_args(data, checkpoint, tower_cache)) == 0
+    assert "3 videos, 3 already cached" in capsys.readouterr().out
+
+
+def test_projector_level_cache(data, checkpoint, tmp_path):
+    """Frozen tower and projector: projector outputs are cached and passed as `video_embeds`."""
+    model, processor = load(checkpoint, projector="frozen")
+    records = load_conversations(data / "train.jsonl", video_root=data)
+    writer = FeatureCacheWriter(tmp_path, cache_identity(model, processor, "projector"), video_root=data)
+    for path in dict.fromkeys(p for r in records for p in r.videos):
+        video = processor.load_video(path)
+        writer.add(path, encode_videos(model, processor.pixel_values(video), [len(video.indices)], "projector")[0], video)
+    writer.close()
+    cache = FeatureCache.open(tmp_path, model, processor, video_root=data)
+    assert cache.level == "projector"
+    batch = CachedFeatureCollator(VideoCollator(processor))([CachedFeatureDataset(records, processor, cache)[0]])
+    assert "video_embeds" in batch and "pixel_values_videos" not in batch
+    decoded = VideoCollator(processor)([ConversationDataset(records, processor)[0]])
+    assert losses(model, [batch]) == pytest.approx(losses(model, [decoded]), abs=1e-5)
+
+
+def test_other_weights_spec_or_video_are_refused(data, checkpoint, tower_cache):
+    model, processor = load(checkpoint)
+    records = load_conversations(data / "train.jsonl", video_root=data)
+
+    with torch.no_grad():
+        next(model.model.vision_tower.parameters()).add_(1e-3)
+    with pytest.raises(FeatureCacheError, match="another vision tower"):
+        FeatureCache.open(tower_cache, model, processor, video_root=data)
+
+    model, processor = load(checkpoint)
+    processor.sampling = {**processor.sampling, "num_frames": 6}
+    with pytest.raises(FeatureCacheError, match="sampling spec"):
+        FeatureCache.open(tower_cache, model, processor, video_root=data)
+
+    model, processor = load(checkpoint)
+    model.model.vision_tower.requires_grad_(True)
+    with pytest.raises(FeatureCacheError, match="vision tower trains"):
+        FeatureCache.open(tower_cache, model, processor, video_root=data)
+
+    model, processor = load(checkpoint)
+    cache = FeatureCache.open(tower_cache, model, processor, video_root=data)
+    clip = Path(records[0].videos[0])
+    stat = clip.stat()
+    os.utime(clip, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    try:
+        with pytest.raises(FeatureCacheError, match="changed on disk"):
+            CachedFeatureDataset(records, processor, cache)
+    finally:
+        os.utime(clip, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    uncached = load_conversations(data / "train.jsonl", video_root=data)[:1]
+    uncached[0].videos = [str(data / "videos" / "elsewhere.mp4")]
+    with pytest.raises(FeatureCacheError, match="not cached"):
+        CachedFeatureDataset(uncached, processor, cache)
+
+
+def test_unreadable_video_goes_to_the_bad_sample_policy(checkpoint, tmp_path):
+    model, processor = load(checkpoint)
+    writer = FeatureCacheWriter(tmp_path, cache_identity(model, processor, "tower"), video_root=tmp_path)
+    writer.add_unreadable(tmp_path / "broken.mp4", "no video stream")
+    writer.close()
+    cache = FeatureCache.open(tmp_path, model, processor, video_root=tmp_path)
+    with pytest.raises(VideoDecodeError, match="no video stream"):
+        cache.get(tmp_path / "broken.mp4")
+
+
+def test_sft_recipe_trains_from_the_cache_with_packing(data, checkpoint, tower_cache, tmp_path, monkeypatch, capsys):
+    args = cli_args(data, checkpoint, tower_cache)[:-2]  # without the cache tool's own --cache_batch_videos
+    args[args.index("--output_dir") + 1] = str(tmp_path / "out")
+    monkeypatch.setattr(sys, "argv", ["sft.py", *args, "--packing", "true", "--max_steps", "2",
+                                      "--per_device_train_batch_size", "2", "--save_strategy", "no"])  # fmt: skip
+    runpy.run_path(str(REPO / "recipes" / "sft.py"), run_name="__main__")
+    assert "finished after 2 steps" in capsys.readouterr().out

@@ -1,0 +1,75 @@
+"""Padding-free batches: every sample of a batch in one row, positions restarting per sample.
+
+transformers does the attention part: with `position_ids` that restart and no `attention_mask`, flash-attention 2/3
+runs varlen over the samples, and sdpa/eager get a block-diagonal causal mask (built only when no KV cache is made,
+which the model's training forward ensures). `DataCollatorWithFlattening` lays out the tokens; what video adds is the
+frames (or cached features) of every sample, concatenated in sample order, which is the order of the `<video>`
+placeholders in the packed row.
+
+The batch holds the same samples and label tokens as a padded one, so the number of steps is unchanged and, with the
+loss summed over label tokens and divided by their count (`videollm.model.loss`), so are the loss and the gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import DataCollatorWithFlattening
+
+from videollm.data.processor import IGNORE_INDEX
+from videollm.train.guards import SAMPLE_ID, SAMPLE_IDS
+
+# Per-video tensors, concatenated along dim 0 in sample order (raw frames, or cached tower / projector outputs).
+VIDEO_TENSOR_KEYS = ("pixel_values_videos", "video_frame_features", "video_embeds")
+
+
+def concat_video_tensors(features: Sequence[dict[str, Any]], batch: dict[str, Any]) -> dict[str, Any]:
+    """Add the samples' video tensors and `video_num_frames` to `batch`, in sample order (shared by the collators)."""
+    for key in VIDEO_TENSOR_KEYS:
+        tensors = [f[key] for f in features if f.get(key) is not None]
+        if tensors:
+            batch[key] = torch.cat(tensors)
+    if any(key in batch for key in VIDEO_TENSOR_KEYS):
+        batch["video_num_frames"] = torch.tensor(
+            [n for f in features for n in (f.get("video_num_frames") or [])], dtype=torch.long
+        )
+    return batch
+
+
+def dense_packing_warning(attn_implementation: str | None) -> str | None:
+    """Why packing may cost more than it saves with this attention implementation (None when it is a varlen kernel).
+
+    For sdpa and eager, transformers turns the packed row into one dense block-diagonal mask over the whole row, so
+    attention work grows with the square of the row (every sample of the batch) instead of the sum of the samples'
+    squares; on the CPU benchmark (bench/RESULTS.md) that cost more than the padding saved.
+    """
+    if attn_implementation is not None and attn_implementation.startswith("flash"):
+        return None
+    return (
+        f"packing: true with attn_implementation {attn_implementation or 'sdpa'}: samples are separated by a dense "
+        "block-diagonal mask over the whole packed row, so attention costs grow with the square of the row; packing pays "
+        "off with flash_attention_2/3 (varlen kernels)"
+    )
+
+
+class PackingCollator:
+    """Collate processor features into one packed row: `input_ids`, `labels`, `position_ids` of shape (1, tokens).
+
+    Args:
+        return_flash_attn_kwargs: also return `cu_seq_lens_*` / `max_length_*`, which flash-attention would otherwise
+            derive from `position_ids` (sdpa and eager ignore them).
+    """
+
+    def __init__(self, return_flash_attn_kwargs: bool = False):
+        self.flatten = DataCollatorWithFlattening(
+            return_position_ids=True, separator_id=IGNORE_INDEX, return_flash_attn_kwargs=return_flash_attn_kwargs
+        )
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        tokens = [{"input_ids": list(f["input_ids"]), "labels": list(f["labels"])} for f in features]
+        batch = dict(self.flatten(tokens, return_tensors="pt"))
+        if any(SAMPLE_ID in f for f in features):
+            batch[SAMPLE_IDS] = [f.get(SAMPLE_ID) for f in features]  # for the non-finite guard; never reaches the model
+        return concat_video_tensors(features, batch)
