@@ -5,29 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from videollm.data.formats import load_conversations
-from videollm.data.sampling import SamplingSpec
 from videollm.data.synthetic import SyntheticConfig, generate_dataset
 from videollm.infer.batch import generate_dataset_answers
 from videollm.infer.batch import main as batch_main
 from videollm.infer.generate import GenerationSettings
 from videollm.infer.session import InferenceEngine
-from videollm.model.checkpoint import save_checkpoint
-from videollm.model.presets import build_tiny_model_and_processor
 
 SETTINGS = GenerationSettings(max_new_tokens=4)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model, processor = build_tiny_model_and_processor("pool", sampling=SamplingSpec(num_frames=3))
-    processor.decode_timeout = None  # decode in-process: no decode worker to start per engine (test_serve keeps it)
-    path = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(model, processor, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +21,6 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     generate_dataset(SyntheticConfig(output_dir=str(root), num_train=0, num_eval=0, num_test=3))
     return root  # test.jsonl: 9 records (3 clips x 3 question types)
-
-
-@pytest.fixture(scope="module")
-def engine(checkpoint):
-    return InferenceEngine.from_checkpoint(checkpoint)
 
 
 @pytest.fixture

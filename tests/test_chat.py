@@ -8,30 +8,15 @@ import sys
 
 import pexpect
 import pytest
-import torch
 
 from videollm.data.processor import VideoLLMProcessor
-from videollm.data.sampling import SamplingSpec
 from videollm.data.synthetic import SyntheticConfig, generate_dataset
 from videollm.infer.chat import ASSISTANT_PREFIX, USER_PROMPT, ChatCLI
 from videollm.infer.chat import main as chat_main
 from videollm.infer.generate import GenerationSettings, generate_answers
-from videollm.infer.session import ChatSession, InferenceEngine
-from videollm.model.checkpoint import save_checkpoint
-from videollm.model.presets import build_tiny_model_and_processor
+from videollm.infer.session import ChatSession
 
 SETTINGS = GenerationSettings(max_new_tokens=8)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    # 3 frames, not the default 8: frames sampled with another spec would show
-    model, processor = build_tiny_model_and_processor("pool", sampling=SamplingSpec(num_frames=3))
-    processor.decode_timeout = None  # decode in-process: no decode worker to start per engine (test_serve keeps it)
-    path = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(model, processor, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +24,6 @@ def clips(tmp_path_factory):
     data = tmp_path_factory.mktemp("data")
     generate_dataset(SyntheticConfig(output_dir=str(data), num_train=0, num_eval=0, num_test=2))
     return sorted((data / "videos" / "test").glob("*.mp4"))
-
-
-@pytest.fixture(scope="module")
-def engine(checkpoint):
-    return InferenceEngine.from_checkpoint(checkpoint)
 
 
 @pytest.fixture

@@ -8,16 +8,11 @@ import socket
 
 import gradio as gr
 import pytest
-import torch
 
 from videollm.data.processor import VideoLLMProcessor
-from videollm.data.sampling import SamplingSpec
 from videollm.data.synthetic import SyntheticConfig, generate_dataset
 from videollm.infer.demo import DemoHandlers, build_demo, launch
 from videollm.infer.generate import GenerationSettings
-from videollm.infer.session import InferenceEngine
-from videollm.model.checkpoint import save_checkpoint
-from videollm.model.presets import build_tiny_model_and_processor
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Without the networking flags Chromium keeps trying to reach Google's services, which this machine refuses.
@@ -27,39 +22,10 @@ SETTINGS = GenerationSettings(max_new_tokens=8)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model, processor = build_tiny_model_and_processor("pool", sampling=SamplingSpec(num_frames=3))
-    processor.decode_timeout = None  # decode in-process: no decode worker to start per engine (test_serve keeps it)
-    path = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(model, processor, path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     data = tmp_path_factory.mktemp("data")
     generate_dataset(SyntheticConfig(output_dir=str(data), num_train=0, num_eval=0, num_test=1))
     return data / "videos" / "test" / "test_00000.mp4"
-
-
-@pytest.fixture(scope="module")
-def engine(checkpoint):
-    return InferenceEngine.from_checkpoint(checkpoint)
-
-
-@pytest.fixture
-def encoded(engine, monkeypatch):
-    """Frame indices of every video the model is given."""
-    calls = []
-    encode = engine.processor.encode
-
-    def spy(messages, videos=(), **kwargs):
-        calls.append([list(v.indices) for v in videos])
-        return encode(messages, videos, **kwargs)
-
-    monkeypatch.setattr(engine.processor, "encode", spy)
-    return calls
 
 
 def training_frames(checkpoint, clip):

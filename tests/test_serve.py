@@ -23,7 +23,6 @@ from videollm.data.sampling import SamplingSpec
 from videollm.data.synthetic import SyntheticConfig, generate_dataset
 from videollm.infer.generate import GenerationSettings
 from videollm.infer.serve import create_app
-from videollm.infer.session import InferenceEngine
 from videollm.model.checkpoint import save_checkpoint
 from videollm.model.presets import build_tiny_model_and_processor
 
@@ -50,11 +49,6 @@ def media_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(checkpoint):
-    return InferenceEngine.from_checkpoint(checkpoint)
-
-
-@pytest.fixture(scope="module")
 def base_url(engine, media_root):
     app = create_app(engine, MODEL, media_root, GenerationSettings(max_new_tokens=6), max_upload_bytes=MAX_UPLOAD)
     sock = socket.socket()
@@ -74,20 +68,6 @@ def base_url(engine, media_root):
 @pytest.fixture
 def client(base_url):
     return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture
-def encoded(engine, monkeypatch):
-    """Frame indices of every video the model is given."""
-    calls = []
-    encode = engine.processor.encode
-
-    def spy(messages, videos=(), **kwargs):
-        calls.append([list(v.indices) for v in videos])
-        return encode(messages, videos, **kwargs)
-
-    monkeypatch.setattr(engine.processor, "encode", spy)
-    return calls
 
 
 def video_message(url: str, text: str = QUESTION) -> list[dict]:
