@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from timing import round_robin
+from timing import add_shape_arguments, round_robin
 
 from videollm.data.sampling import SamplingSpec
 from videollm.data.tokenizer import build_tiny_tokenizer
@@ -36,18 +36,10 @@ from videollm.train.dpo import VideoDPOConfig, VideoDPOTrainer, build_preference
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_shape_arguments(parser, image_size=32, hidden=64)
     parser.add_argument("--pairs", type=int, default=4, help="preference pairs per step (B)")
-    parser.add_argument("--frames", type=int, default=8, help="frames per video")
-    parser.add_argument("--image_size", type=int, default=32, help="frame side; patch 8, so (side/8)^2 tokens a frame")
     parser.add_argument("--answer_words", type=int, default=12, help="words in each chosen / rejected answer")
-    parser.add_argument("--llm_hidden", type=int, default=64)
-    parser.add_argument("--llm_layers", type=int, default=2)
-    parser.add_argument("--vision_hidden", type=int, default=64)
-    parser.add_argument("--vision_layers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 2 warm-up rounds)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--json", default=None, help="also write the results here as JSON")
     return parser.parse_args()
 
 

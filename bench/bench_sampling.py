@@ -27,26 +27,20 @@ from transformers import AutoConfig
 from videollm.data.sampling import SamplingSpec
 from videollm.data.tokenizer import build_tiny_tokenizer
 from videollm.data.video import DecodedVideo
+from timing import add_shape_arguments
+
 from videollm.infer.generate import GenerationSettings, generate_answers
 from videollm.model.builder import build_model_and_processor
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_shape_arguments(parser, image_size=64, hidden=128)
     parser.add_argument("--prompts", type=int, default=8, help="prompts per batch (P)")
     parser.add_argument("--k", type=int, default=8, help="answers per prompt")
-    parser.add_argument("--frames", type=int, default=8, help="frames per video")
-    parser.add_argument("--image_size", type=int, default=64, help="frame side; patch 8: (side/8)^2 tokens a frame")
     parser.add_argument("--max_new_tokens", type=int, default=16)
-    parser.add_argument("--llm_hidden", type=int, default=128)
-    parser.add_argument("--llm_layers", type=int, default=2)
-    parser.add_argument("--vision_hidden", type=int, default=128)
-    parser.add_argument("--vision_layers", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3, help="timed runs per variant (median), after one warm-up")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 steadies timings on a shared CPU)")
-    parser.add_argument("--json", default=None, help="also write the results here as JSON")
     return parser.parse_args()
 
 

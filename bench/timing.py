@@ -1,7 +1,9 @@
-"""Timing shared by the benchmarks: variants run round-robin, so a change of machine load affects all of them alike."""
+"""What the benchmarks share: the model-shape flags, and round-robin timing (a change of machine load affects every
+variant alike)."""
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 
@@ -22,3 +24,16 @@ def round_robin(variants: dict[str, Callable[[], None]], device: str, steps: int
             if index >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser, image_size: int, hidden: int) -> None:
+    """The device, frame and model-size flags every benchmark takes (defaults differ per benchmark)."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--frames", type=int, default=8, help="frames per video")
+    parser.add_argument("--image_size", type=int, default=image_size, help="frame side; patch 8: (side/8)^2 tokens a frame")
+    parser.add_argument("--llm_hidden", type=int, default=hidden)
+    parser.add_argument("--llm_layers", type=int, default=2)
+    parser.add_argument("--vision_hidden", type=int, default=hidden)
+    parser.add_argument("--vision_layers", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--json", default=None, help="also write the results here as JSON")
