@@ -22,6 +22,7 @@ from videollm.model.presets import build_tiny_model_and_processor
 from videollm.train.checkpointing import (
     LATEST_POINTER,
     STAGING_PREFIX,
+    SUPERSEDED_PREFIX,
     checkpoint_step,
     clean_incomplete,
     list_checkpoints,
@@ -107,6 +108,42 @@ def test_kill_9_at_20_random_points_of_saving_never_leaves_a_partial_latest(trai
         assert len(list_checkpoints(out)) <= SAVE_TOTAL_LIMIT + 1
         latest_step = checkpoint_step(latest)
     assert interrupted >= 5, f"only {interrupted} of 20 kills landed inside a save"
+
+
+class KilledHere(BaseException):
+    """Stands for a SIGKILL at one exact point of a save (the random kills above hit this window only rarely)."""
+
+
+def test_a_kill_while_replacing_a_step_keeps_a_complete_copy_of_that_step(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path / "out")
+    out = Path(trainer.args.output_dir)
+    trainer.state.global_step = 1
+    trainer._save_checkpoint(trainer.model, trial=None)  # the run's only checkpoint
+
+    real_rename = os.rename
+
+    def rename_then_die_before_publishing(source, target):
+        if Path(source).name.startswith(STAGING_PREFIX):
+            raise KilledHere  # the old checkpoint-1 is already renamed away, the new one not yet in place
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename_then_die_before_publishing)
+    with pytest.raises(KilledHere):
+        trainer._save_checkpoint(trainer.model, trial=None)
+    monkeypatch.setattr(os, "rename", real_rename)
+
+    assert not (out / "checkpoint-1").exists()
+    latest = resolve_latest_checkpoint(out)
+    assert latest == out / f"{SUPERSEDED_PREFIX}checkpoint-1" and checkpoint_step(latest) == 1
+    assert_complete(latest)
+    assert resume_target("latest", out) == str(latest)
+
+    assert sorted(p.name for p in clean_incomplete(out)) == [f"{STAGING_PREFIX}checkpoint-1"]
+    assert resolve_latest_checkpoint(out) == out / "checkpoint-1"
+    assert_complete(out / "checkpoint-1")
+    trainer._save_checkpoint(trainer.model, trial=None)  # the replacing save, done again, completes
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
 def test_resume_latest_skips_partial_checkpoints_and_cleans_staging(tmp_path):

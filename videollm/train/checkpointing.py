@@ -5,7 +5,10 @@ leaves a partial `checkpoint-N` that `resume_from_checkpoint=True` (the highest 
 checkpoint is written to `.staging-checkpoint-N`, every file and directory is fsynced, the directory is renamed to
 `checkpoint-N` (atomic on POSIX), and only then does the `latest_checkpoint` pointer file change, again by an atomic
 rename. Rotation (`save_total_limit`) runs after the pointer moved, renaming a victim out of the `checkpoint-N`
-namespace before deleting it, so a kill at any moment leaves every `checkpoint-N` complete.
+namespace before deleting it, so a kill at any moment leaves every `checkpoint-N` complete. Saving a step that already
+has a checkpoint (a run resumed from an older one) first renames the old one to `.superseded-checkpoint-N` and deletes
+it only after the new one is in place: a kill between the two renames leaves the superseded copy, which resolution
+counts as step N and `clean_incomplete` renames back.
 
 What goes into a checkpoint (weights in the videollm layout, optimizer, scheduler, per-rank RNG, trainer state with
 the step and the data position) is still the Trainer's own: `CheckpointMixin` only changes where and in which order
@@ -31,16 +34,17 @@ logger = logging.getLogger(__name__)
 LATEST_POINTER = "latest_checkpoint"
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
+SUPERSEDED_PREFIX = ".superseded-"
 # Written last into a checkpoint (after the weights, optimizer, scheduler and RNG states): a directory that holds it
 # was fully written. Checkpoints published by `publish_checkpoint` are complete anyway; the check also protects
 # against a partial `checkpoint-N` written by plain transformers before this module was used.
 COMPLETE_MARKER = TRAINER_STATE_NAME
 RESUME_LATEST = ("true", "latest")
-_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+_CHECKPOINT_NAME = re.compile(rf"^(?:{re.escape(SUPERSEDED_PREFIX)})?{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 def checkpoint_step(path: str | Path) -> int | None:
-    """The step of a `checkpoint-N` directory name, None for any other name."""
+    """The step of a `checkpoint-N` (or `.superseded-checkpoint-N`) directory name, None for any other name."""
     match = _CHECKPOINT_NAME.match(Path(path).name)
     return int(match.group(1)) if match else None
 
@@ -91,31 +95,44 @@ def publish_checkpoint(staging: str | Path, final: str | Path) -> None:
     """Make the fully written `staging` directory the checkpoint `final`, then point `latest_checkpoint` at it.
 
     A `final` left by an earlier attempt at the same step (a run resumed from a checkpoint older than the newest saves
-    that step again) is moved away just before the rename: between those two renames that step has no checkpoint,
-    and `resolve_latest_checkpoint` falls back to the newest complete one.
+    that step again) is renamed to its superseded name first and deleted only once the new one is published, so a
+    complete copy of that step exists at every moment.
     """
     staging, final = Path(staging), Path(final)
+    superseded = final.with_name(f"{SUPERSEDED_PREFIX}{final.name}")
     fsync_tree(staging)
     if final.exists():
-        _discard(final)
+        if superseded.exists():
+            _discard(superseded)
+        os.rename(final, superseded)
+        _fsync(final.parent)
     os.rename(staging, final)
     _fsync(final.parent)
     write_pointer(final.parent, final.name)
+    if superseded.exists():
+        _discard(superseded)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete `checkpoint-N` directories of `run_dir`, oldest step first."""
+    """Complete checkpoints of `run_dir`, one per step, oldest step first.
+
+    A step's `checkpoint-N` wins over its superseded copy; the copy counts only while a kill left no `checkpoint-N`.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [path for path in run_dir.iterdir() if path.is_dir() and is_complete_checkpoint(path)]
-    return sorted(found, key=checkpoint_step)
+    by_step: dict[int, Path] = {}
+    for path in sorted(run_dir.iterdir(), key=lambda p: p.name.startswith(SUPERSEDED_PREFIX)):
+        if path.is_dir() and is_complete_checkpoint(path):
+            by_step.setdefault(checkpoint_step(path), path)
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def resolve_latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint `latest_checkpoint` names if it is complete, else the complete one with the highest step.
 
-    Staging and trash directories never count: they do not match `checkpoint-N`.
+    Staging and trash directories never count: they do not match `checkpoint-N`. A superseded copy counts for its
+    step while no `checkpoint-N` of that step exists (a kill during a replacing save).
     """
     run_dir = Path(run_dir)
     pointer = run_dir / LATEST_POINTER
@@ -129,11 +146,19 @@ def resolve_latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def clean_incomplete(run_dir: str | Path) -> list[Path]:
-    """Delete the staging and trash directories a killed save or rotation left in `run_dir`; return them."""
+    """Undo what a killed save or rotation left in `run_dir`: a superseded checkpoint whose replacement never got
+    its name is renamed back; staging, trash and other superseded directories are deleted and returned."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    leftovers = [p for p in run_dir.iterdir() if p.name.startswith((STAGING_PREFIX, TRASH_PREFIX))]
+    for superseded in run_dir.glob(f"{SUPERSEDED_PREFIX}*"):
+        final = superseded.with_name(superseded.name.removeprefix(SUPERSEDED_PREFIX))
+        if not final.exists() and is_complete_checkpoint(superseded):
+            os.rename(superseded, final)
+            _fsync(run_dir)
+            logger.warning("restored %s: the save that was replacing it was interrupted", final)
+    prefixes = (STAGING_PREFIX, TRASH_PREFIX, SUPERSEDED_PREFIX)
+    leftovers = [p for p in run_dir.iterdir() if p.name.startswith(prefixes)]
     for path in leftovers:
         if path.is_dir():
             shutil.rmtree(path)
