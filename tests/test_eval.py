@@ -94,3 +94,16 @@ def test_eval_writes_summary_and_predictions(checkpoint_and_data, tmp_path, shuf
 def test_eval_rejects_a_missing_model_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--model: .* does not exist"):
         eval_main(["--model", str(tmp_path / "none"), "--data", str(tmp_path), "--output", str(tmp_path / "o.json")])
+
+
+def test_a_dataset_s_own_answer_wording_counts_for_its_label():
+    """Labels "up"/"down" with answers "upwards"/"downwards" (another dataset's wording): the reference answer is a
+    phrasing of the label, in its question type only, and naming another class is still wrong."""
+    targets = [_target(f"{d}wards", label=d) for d in ("up", "down")] + [_target(f"to the {d}", label=d) for d in ("left", "right")]
+    verifiers = RecordVerifiers(targets)
+    assert verifiers.check(targets[0], "upwards") and verifiers.check(targets[0], "up")
+    assert verifiers.check(targets[1], "downwards") and verifiers.check(targets[2], "to the left")
+    assert not verifiers.check(targets[0], "downwards")
+    assert not verifiers.check(targets[1], "upwards or downwards")
+    other_type = _target("a circle", label="circle", type="shape")
+    assert not RecordVerifiers([*targets, other_type]).check(other_type, "upwards")

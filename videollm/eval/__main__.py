@@ -55,18 +55,19 @@ class ScoringTarget:
     """What an evaluated record is checked against: its `label` (or, without one, its reference answer).
 
     Evaluation goes through the same `RecordVerifiers` as STaR filtering and DPO pair mining, so "correct" means one
-    thing everywhere.
+    thing everywhere. The reference answer travels along: for a class label it is one more accepted phrasing.
     """
 
     label: object
     label_type: str
     meta: dict
+    reference: str | None = None
 
     @classmethod
     def of(cls, record: ConversationRecord, reference: str) -> ScoringTarget:
         meta = record.meta
         default_type = "choice" if meta.get("choices") else "class"
-        return cls(meta.get("label", reference), meta.get("label_type", default_type), meta)
+        return cls(meta.get("label", reference), meta.get("label_type", default_type), meta, reference)
 
 
 def shuffled(video: DecodedVideo, rng: random.Random) -> DecodedVideo:

@@ -477,7 +477,10 @@ class RecordVerifiers:
     - class labels are exclusive within their group: every label seen among the records with the same
       ``meta[group_key]`` (e.g. the question type) is a class, so an answer naming two of them fails;
     - multiple-choice records carry their options in ``meta["choices"]``;
-    - `synonyms` (label -> other phrasings) apply to class and choice labels.
+    - `synonyms` (label -> other phrasings) apply to class and choice labels;
+    - a class record's ``reference`` answer text, when it has one and it differs from the label, is one more way of
+      saying that label in its group: a dataset labelled "down" whose answers read "downwards" scores "downwards"
+      right without a hand-written synonym list.
     """
 
     def __init__(
@@ -491,11 +494,25 @@ class RecordVerifiers:
         self.synonyms = dict(synonyms or {})
         self.group_key = group_key
         spaces: dict[Any, set[str]] = {}
+        phrasings: dict[Any, dict[str, set[str]]] = {}
         for record in records:
             if self._type(record) == "class":
-                spaces.setdefault(self._group(record), set()).add(str(record.label))
-        self._class = {group: ClassVerifier(sorted(labels), self.synonyms) for group, labels in spaces.items()}
+                group, label = self._group(record), str(record.label)
+                spaces.setdefault(group, set()).add(label)
+                reference = getattr(record, "reference", None)
+                if reference and normalize_answer(reference) != normalize_answer(label):
+                    phrasings.setdefault(group, {}).setdefault(label, set()).add(reference)
+        self._class = {
+            group: ClassVerifier(sorted(labels), self._with_phrasings(phrasings.get(group, {})))
+            for group, labels in spaces.items()
+        }
         self._cache: dict[Any, Verifier] = {}
+
+    def _with_phrasings(self, phrasings: Mapping[str, set[str]]) -> dict[str, list[str]]:
+        merged = {label: list(others) for label, others in self.synonyms.items()}
+        for label, texts in phrasings.items():
+            merged.setdefault(label, []).extend(sorted(texts))
+        return merged
 
     def _type(self, record: Any) -> str:
         return parse_spec(self.spec or getattr(record, "label_type", None) or "class")[0]
