@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 import subprocess
 import sys
 from pathlib import Path
@@ -162,20 +163,23 @@ def test_jsonl_fields(tiny_set):
 
 
 def test_preference_pairs(tiny_set):
+    """One pair per clip and question type; the chosen answer is the SFT answer, the rejected one another class of
+    the same type (the opposite direction for direction pairs), and the clip really moves the chosen way."""
     out, _ = tiny_set
-    sft = {r["video"]: r["label"] for r in _read_jsonl(out / "train.jsonl") if r["type"] == "direction"}
+    sft = {(r["video"], r["type"]): r["label"] for r in _read_jsonl(out / "train.jsonl")}
     for split, n in (("train", 6), ("eval", 4)):
         prefs = _read_jsonl(out / f"preference_{split}.jsonl")
-        assert len(prefs) == n
+        assert sorted(Counter(r["type"] for r in prefs).items()) == [("color", n), ("direction", n), ("shape", n)]
         for r in prefs:
             assert {"id", "video", "type", "prompt", "chosen", "rejected"} <= r.keys()
-            assert r["prompt"].startswith("<video>\n") and r["type"] == "direction"
-            assert r["chosen"] != r["rejected"]
-            assert r["rejected"] == OPPOSITE[r["chosen"]]
+            assert r["prompt"].startswith("<video>\n")
+            assert r["chosen"] != r["rejected"] and r["rejected"] in CLASSES[r["type"]]
             if split == "train":
-                assert r["chosen"] == sft[r["video"]]
-            frames = np.asarray(read_video(str(out / r["video"]), SamplingSpec(num_frames=8)).frames)
-            assert estimate_direction(frames, channels_last=False) == r["chosen"]
+                assert r["chosen"] == sft[(r["video"], r["type"])]
+            if r["type"] == "direction":
+                assert r["rejected"] == OPPOSITE[r["chosen"]]
+                frames = np.asarray(read_video(str(out / r["video"]), SamplingSpec(num_frames=8)).frames)
+                assert estimate_direction(frames, channels_last=False) == r["chosen"]
 
 
 def test_alt_wording_changes_surface(tmp_path):
@@ -196,7 +200,7 @@ def test_alt_wording_changes_surface(tmp_path):
         assert label_from_answer(answer, r["type"]) == r["label"]
     for r in _read_jsonl(tmp_path / "a" / "preference_train.jsonl"):
         assert r["chosen"] != r["rejected"]
-        assert label_from_answer(r["rejected"], "direction") in DIRECTIONS
+        assert label_from_answer(r["rejected"], r["type"]) in CLASSES[r["type"]]
     r = alt_records[0]
     decoded = np.asarray(read_video(str(tmp_path / "a" / r["video"]), SamplingSpec(num_frames=8)).frames)
     assert decoded.shape[-2:] == (48, 48)

@@ -18,7 +18,7 @@ Output layout (``output_dir`` is the ``video_root`` of every JSONL file)::
 
     videos/{train,eval,test}/{split}_{index:05d}.mp4
     train.jsonl, eval.jsonl, test.jsonl          LLaVA-style SFT records
-    preference_train.jsonl, preference_eval.jsonl direction preference pairs
+    preference_train.jsonl, preference_eval.jsonl preference pairs (one per clip and question type)
     labels_train.jsonl, labels_eval.jsonl         questions with class labels only
     dataset_info.json                             settings, classes, counts
 
@@ -200,7 +200,10 @@ class SyntheticConfig:
     )
     rejected: str = field(
         default="opposite",
-        metadata={"help": "Rejected answer of preference pairs: 'opposite' direction or a 'random' wrong one."},
+        metadata={
+            "help": "Rejected answer of direction preference pairs: the 'opposite' direction or a 'random' wrong one "
+            "(colour and shape pairs always take a random other class)."
+        },
     )
     num_workers: int = field(
         default=1,
@@ -448,25 +451,28 @@ def make_sft_record(params: ClipParams, qtype: str, config: SyntheticConfig) -> 
     return record
 
 
-def make_preference_record(params: ClipParams, config: SyntheticConfig) -> dict[str, Any]:
-    """A direction preference pair: the correct direction vs a wrong one (the opposite by default).
+def make_preference_record(params: ClipParams, qtype: str, config: SyntheticConfig) -> dict[str, Any]:
+    """A preference pair about one clip: the correct answer vs a wrong one of the same question type.
 
-    The opposite direction is the answer a model that ignores frame order is most
-    likely to confuse with the truth, which makes it the informative negative.
+    For direction the wrong answer is the opposite direction by default (`rejected`), the answer a model that ignores
+    frame order is most likely to confuse with the truth, which makes it the informative negative; colour and shape
+    pairs take another class at random. Pairs of every question type keep DPO from trading the one-frame skills for
+    motion.
     """
-    question, rng = _question(params, "direction", config, 1)
-    if config.rejected == "opposite":
-        wrong = OPPOSITE[params.direction]
+    question, rng = _question(params, qtype, config, 1)
+    label = params.label(qtype)
+    if qtype == "direction" and config.rejected == "opposite":
+        wrong = OPPOSITE[label]
     else:
-        others = [d for d in DIRECTIONS if d != params.direction]
+        others = [c for c in CLASSES[qtype] if c != label]
         wrong = others[int(rng.integers(len(others)))]
     return {
-        "id": f"{params.video_id}_direction_pref",
+        "id": f"{params.video_id}_{qtype}_pref",
         "video": _video_relpath(params),
-        "type": "direction",
+        "type": qtype,
         "prompt": f"<video>\n{question}",
-        "chosen": answer_text(params.direction, "direction", config.wording),
-        "rejected": answer_text(wrong, "direction", config.wording),
+        "chosen": answer_text(label, qtype, config.wording),
+        "rejected": answer_text(wrong, qtype, config.wording),
     }
 
 
@@ -529,7 +535,7 @@ def generate_dataset(config: SyntheticConfig) -> dict[str, Any]:
         counts[split] = _count_types(records, len(clips))
     for split in ("train", "eval"):
         clips = params[split]
-        prefs = [make_preference_record(p, config) for p in clips]
+        prefs = [make_preference_record(p, q, config) for p in clips for q in config.question_types]
         _write_jsonl(out / f"preference_{split}.jsonl", prefs)
         counts[f"preference_{split}"] = _count_types(prefs, len(clips))
         labels = [make_label_record(p, q, config) for p in clips for q in config.question_types]
