@@ -15,18 +15,17 @@ Keys: the SFT recipe's model, data and trainer keys (`model_name_or_path` is the
 import logging
 import sys
 
-from transformers import TrainingArguments
-
 from videollm.data.formats import DataValidationError
 from videollm.selftrain.runs import RunSettingsMismatch
 from videollm.selftrain.star import StarArguments, run_star
 from videollm.train.config import DataArguments, ModelArguments, parse_config
+from videollm.train.sft import VideoSFTConfig
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     model_args, data_args, star_args, training_args = parse_config(
-        [ModelArguments, DataArguments, StarArguments, TrainingArguments]
+        [ModelArguments, DataArguments, StarArguments, VideoSFTConfig]
     )
     if data_args.train_file is None:
         sys.exit("error: train_file is required (labelled records: video, question, label)")

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from videollm.data.formats import load_preferences, write_jsonl
 from videollm.data.processor import VideoLLMProcessor
@@ -70,6 +69,7 @@ from videollm.train.dpo import (
     build_preference_dataset,
     preference_rows,
 )
+from videollm.train.checkpointing import RESUME_LATEST, resolve_latest_checkpoint
 from videollm.train.setup import load_or_build
 
 logger = logging.getLogger(__name__)
@@ -222,8 +222,9 @@ def train_preferences(
         processing_class=processor,
         callbacks=list(callbacks or []),
     )
-    resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    trainer.train(resume_from_checkpoint=resume)
+    resume = resolve_latest_checkpoint(output_dir)
+    resume = str(resume) if resume else None
+    trainer.train(resume_from_checkpoint=RESUME_LATEST[-1] if resume else None)
     trainer.save_model(str(output_dir))
     trainer.save_state()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]

@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import TrainerCallback, set_seed
 
 from videollm.data.dataset import ConversationDataset, VideoCollator
 from videollm.data.robust import BadSamplePolicy
@@ -59,7 +58,8 @@ from videollm.selftrain.runs import (
 )
 from videollm.train.config import DataArguments, ModelArguments
 from videollm.train.setup import load_or_build
-from videollm.train.sft import VideoSFTTrainer
+from videollm.train.checkpointing import RESUME_LATEST, resolve_latest_checkpoint
+from videollm.train.sft import VideoSFTConfig, VideoSFTTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def first_verified(rows: Sequence[dict], limit: int) -> list[dict]:
 def train_on_kept(
     model_args: ModelArguments,
     data_args: DataArguments,
-    training_args: TrainingArguments,
+    training_args: VideoSFTConfig,
     processor: VideoLLMProcessor,
     start: Path,
     train_file: Path,
@@ -140,10 +140,11 @@ def train_on_kept(
         processing_class=processor,
         callbacks=list(callbacks or []),
     )
-    resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    resume = resolve_latest_checkpoint(output_dir)
     if resume:
         logger.info("training resumes from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
+        resume = str(resume)
+    trainer.train(resume_from_checkpoint=RESUME_LATEST[-1] if resume else None)
     trainer.save_model(str(output_dir))
     trainer.save_state()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -176,7 +177,7 @@ def run_star(
     model_args: ModelArguments,
     data_args: DataArguments,
     star_args: StarArguments,
-    training_args: TrainingArguments,
+    training_args: VideoSFTConfig,
     callbacks: Sequence[TrainerCallback] | None = None,
 ) -> list[dict]:
     """Run (or resume) Video-STaR cycles in `training_args.output_dir`; returns the summary rows (cycle 0: the seed)."""
@@ -227,7 +228,7 @@ def run_star(
 def _cycle(
     cycle: int, latest: Path, initial: Path, prompts: list[Prompt], run: RunDirectory, sampler: Sampler,
     processor: VideoLLMProcessor, model_args: ModelArguments, data_args: DataArguments, star_args: StarArguments,
-    training_args: TrainingArguments, callbacks, evaluate,
+    training_args: VideoSFTConfig, callbacks, evaluate,
 ) -> dict:  # fmt: skip
     started = time.time()
     step_dir = run.step_dir(cycle)
