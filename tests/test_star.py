@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 import videollm.selftrain.runs as runs
 from videollm.data.formats import LabelledRecord, load_conversations, load_preferences
@@ -36,6 +36,7 @@ from videollm.selftrain.self_preference import (
 from videollm.selftrain.star import StarArguments, run_star, should_stop
 from videollm.train.config import DataArguments, ModelArguments, parse_config
 from videollm.train.dpo import VideoDPOConfig
+from videollm.train.sft import VideoSFTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -78,9 +79,9 @@ def star_config(synthetic: Path, seed_model: Path, output_dir: Path, *extra: str
         "--video_root", str(synthetic), "--output_dir", str(output_dir), "--verifier", f"{__name__}:even_length",
         "--num_samples", "2", "--temperature", "1.0", "--max_new_tokens", "6", "--generation_batch_size", "2",
         "--eval_max_new_tokens", "4", "--max_steps", "2", "--per_device_train_batch_size", "2", "--logging_steps", "1",
-        "--stop_when_no_gain", "false", "--tune_projector", "frozen", *extra,
+        "--stop_when_no_gain", "false", "--tune_projector", "frozen", "--dataloader_num_workers", "0", *extra,
     ]  # fmt: skip
-    config = parse_config([ModelArguments, DataArguments, StarArguments, TrainingArguments], argv)
+    config = parse_config([ModelArguments, DataArguments, StarArguments, VideoSFTConfig], argv)
     config[1].decode_timeout = None  # decode in this process: a decode worker takes seconds to start, per run
     return config
 
@@ -352,7 +353,7 @@ def test_star_recipe_killed_mid_generation_resumes_and_skips_finished_cycles(syn
             "--eval_file", str(synthetic / "labels_eval.jsonl"), "--video_root", str(synthetic),
             "--output_dir", str(output_dir), "--cycles", "1", "--num_samples", "2", "--max_new_tokens", "4",
             "--generation_batch_size", "1", "--verifier", "tests.test_star:even_length", "--max_steps", "1",
-            "--per_device_train_batch_size", "2",
+            "--per_device_train_batch_size", "2", "--dataloader_num_workers", "0",
         ]  # fmt: skip
 
     first = run(argv(tmp_path / "a"))
