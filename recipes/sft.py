@@ -52,6 +52,7 @@ def main() -> None:
         # Cached frozen-tower features replace decoding and the tower forward; a cache of other weights/spec is refused.
         try:
             cache = FeatureCache.open(data_args.feature_cache_dir, model, processor, video_root=data_args.video_root)
+            model.use_cached_vision(cache.level)
             train_dataset = CachedFeatureDataset(train_records, processor, cache, bad_samples)
             eval_dataset = CachedFeatureDataset(eval_records, processor, cache, bad_samples, name="eval") if eval_records else None
         except FeatureCacheError as error:

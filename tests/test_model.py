@@ -102,6 +102,35 @@ def test_text_only_batch_still_runs_vision_tower(tiny):
 
 
 @pytest.mark.parametrize("projector_type", PROJECTORS)
+def test_text_only_batch_of_a_feature_cache_run_skips_what_video_batches_skip(projector_type):
+    """Fed by a tower-level cache, no rank runs the tower, so a text-only batch must not (under ZeRO-3 that rank
+    would wait forever in the tower's parameter gather); the trained projector still gets its gradient. With a
+    projector-level cache nothing of the vision path runs."""
+    torch.manual_seed(0)
+    model, processor = build_tiny_model_and_processor(projector_type, sampling=SamplingSpec(num_frames=4))
+    tower_calls, projector_calls = [], []
+    model.model.vision_tower.register_forward_hook(lambda *args: tower_calls.append(1))
+    model.model.projector.register_forward_hook(lambda *args: projector_calls.append(1))
+    batch = processor.collate([processor.encode(conversation("Say hi.", "hi", video=False), []).as_features()])
+    model.train()
+
+    model.use_cached_vision("tower")
+    model(**batch).loss.backward()
+    assert (tower_calls, projector_calls) == ([], [1])
+    assert all(p.grad is not None for p in model.model.projector.parameters())
+
+    model.use_cached_vision("projector")
+    model(**batch).loss.backward()
+    assert (tower_calls, projector_calls) == ([], [1])
+
+    model.use_cached_vision(None)
+    model(**batch).loss.backward()
+    assert (tower_calls, projector_calls) == ([1], [1, 1])
+    with pytest.raises(ValueError, match="not one of"):
+        model.use_cached_vision("pixels")
+
+
+@pytest.mark.parametrize("projector_type", PROJECTORS)
 def test_save_and_auto_load_gives_identical_logits(tmp_path, projector_type):
     torch.manual_seed(0)
     model, processor = build_tiny_model_and_processor(projector_type, sampling=SamplingSpec(fps=2.0, max_frames=6))

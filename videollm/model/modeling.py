@@ -47,6 +47,10 @@ class VideoLLMModel(VideoLLMPreTrainedModel):
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.projector = build_projector(config)
         self.language_model = AutoModel.from_config(config.text_config)
+        # Where this run's visual input enters the vision path: None (pixels: the tower runs), or the level of a
+        # feature cache ("tower": the projector runs on cached tower outputs; "projector": neither runs). Set by
+        # `use_cached_vision`; the dummy forward of text-only batches follows it.
+        self.cached_vision_level: str | None = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -86,7 +90,17 @@ class VideoLLMModel(VideoLLMPreTrainedModel):
 
     def _dummy_video_features(self, like: torch.Tensor) -> torch.Tensor:
         """Run the vision path on one blank frame so every rank touches the same parameters (ZeRO-3/FSDP
-        gather them collectively; a rank that skipped the tower would hang the others)."""
+        gather them collectively; a rank that skipped the tower would hang the others).
+
+        Only the part that video batches of this run use: in a run fed by a feature cache the other ranks never run
+        the tower (tower level) or the whole vision path (projector level), so a text-only batch must not either.
+        """
+        if self.cached_vision_level == "projector":
+            return like.new_zeros(())
+        if self.cached_vision_level == "tower":
+            grid = self.config.visual_token_layout().patch_grid
+            blank = like.new_zeros(1, grid * grid, self.config.vision_config.hidden_size)
+            return torch.cat(self.get_video_features(None, [1], frame_features=blank)).sum()
         size = self.config.frame_size
         blank = like.new_zeros(1, 3, size, size)
         return torch.cat(self.get_video_features(blank, [1])).sum()
@@ -197,6 +211,13 @@ class VideoLLMForConditionalGeneration(VideoLLMPreTrainedModel, GenerationMixin)
 
     def encode_frames(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
         return self.model.encode_frames(pixel_values_videos)
+
+    def use_cached_vision(self, level: str | None) -> None:
+        """Declare that this run's videos arrive as cached features of `level` ("tower" or "projector", see
+        `videollm.data.feature_cache`), or as pixels (None), so text-only batches skip what video batches skip."""
+        if level not in (None, "tower", "projector"):
+            raise ValueError(f"cached vision level: {level!r} is not one of None | tower | projector")
+        self.model.cached_vision_level = level
 
     def get_video_features(
         self,
