@@ -24,7 +24,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from videollm.data.dataset import ConversationDataset
+from videollm.data.dataset import SAMPLE_IDS, ConversationDataset, VideoCollator
 from videollm.data.formats import DataValidationError, load_conversations, load_preferences
 from videollm.data.robust import (
     MAX_REPLACEMENT_TRIES,
@@ -242,6 +242,9 @@ def test_error_policy_raises_on_the_first_bad_sample_naming_the_file(corpus: Pat
     loaded = load_conversations(train_file, video_root=corpus)
     dataset = ConversationDataset(loaded, processor, BadSamplePolicy(action="error", quarantine_file=None))
     assert dataset[0]["input_ids"]
+    # the record ids reach the batch for the non-finite guard, and only when asked for
+    assert VideoCollator(processor, sample_ids=True)([dataset[1], dataset[0]])[SAMPLE_IDS] == [records[1]["id"], records[0]["id"]]
+    assert SAMPLE_IDS not in VideoCollator(processor)([dataset[0]])
     with pytest.raises(BadSampleError) as info:
         dataset[2]
     message = failure_message(info.value)

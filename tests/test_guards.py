@@ -14,7 +14,8 @@ from transformers import TrainerCallback
 from videollm.data.sampling import SamplingSpec
 from videollm.data.video import DecodedVideo
 from videollm.model.presets import build_tiny_model_and_processor
-from videollm.train.guards import SAMPLE_ID, SAMPLE_IDS, NonFiniteTrainingError
+from videollm.data.dataset import SAMPLE_ID, SAMPLE_IDS, VideoCollator
+from videollm.train.guards import NonFiniteTrainingError
 from videollm.train.sft import VideoSFTConfig, VideoSFTTrainer
 
 FRAMES = 2
@@ -45,16 +46,6 @@ class Samples(torch.utils.data.Dataset):
         return self.items[index]
 
 
-class IdCollator:
-    """The processor's collation plus the batch's `sample_ids`, as the guard reads them."""
-
-    def __init__(self, processor):
-        self.processor = processor
-
-    def __call__(self, features):
-        return {**self.processor.collate(features), SAMPLE_IDS: [f[SAMPLE_ID] for f in features]}
-
-
 class Snapshots(TrainerCallback):
     """The trainable parameters after every optimizer step."""
 
@@ -75,7 +66,7 @@ def make_trainer(tmp_path: Path, ids: list[str], **overrides) -> VideoSFTTrainer
     )  # fmt: skip
     args = VideoSFTConfig(**{**settings, **overrides})
     return VideoSFTTrainer(
-        model=model, args=args, train_dataset=Samples(processor, ids), data_collator=IdCollator(processor),
+        model=model, args=args, train_dataset=Samples(processor, ids), data_collator=VideoCollator(processor, sample_ids=True),
         processing_class=processor,
     )  # fmt: skip
 

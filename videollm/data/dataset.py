@@ -16,6 +16,11 @@ from videollm.data.formats import ConversationRecord
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.robust import BadSampleGuard, BadSamplePolicy, SampleInfo
 
+# A sample's record id travels with its features, and a batch lists them, so the non-finite guard
+# (`videollm.train.guards`) can name the samples of a bad step; the trainer takes them out before the forward.
+SAMPLE_ID = "sample_id"  # a dataset item's id
+SAMPLE_IDS = "sample_ids"  # a batch's list of sample ids
+
 
 def record_messages(record: ConversationRecord) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in record.messages]
@@ -53,7 +58,7 @@ class ConversationDataset(Dataset):
     def _encode(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         videos = [self.processor.load_video(path) for path in record.videos]
-        return self.processor.encode(record_messages(record), videos, sample_id=record.id).as_features()
+        return {**self.processor.encode(record_messages(record), videos, sample_id=record.id).as_features(), SAMPLE_ID: record.id}
 
     def _describe(self, index: int) -> SampleInfo:
         record = self.records[index]
@@ -61,11 +66,24 @@ class ConversationDataset(Dataset):
 
 
 class VideoCollator:
-    """Batches processor features; a picklable callable so DataLoader workers can use it."""
+    """Batches processor features; a picklable callable so DataLoader workers can use it.
 
-    def __init__(self, processor: VideoLLMProcessor, padding_side: str = "right"):
+    Args:
+        sample_ids: also list the samples' ids under `sample_ids`, for a trainer with the non-finite guard (it
+            removes them before the forward); off for callers that pass the batch straight to the model.
+    """
+
+    def __init__(self, processor: VideoLLMProcessor, padding_side: str = "right", sample_ids: bool = False):
         self.processor = processor
         self.padding_side = padding_side
+        self.sample_ids = sample_ids
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        return self.processor.collate(features, padding_side=self.padding_side)
+        return with_sample_ids(features, self.processor.collate(features, padding_side=self.padding_side), self.sample_ids)
+
+
+def with_sample_ids(features: Sequence[dict[str, Any]], batch: dict[str, Any], enabled: bool) -> dict[str, Any]:
+    """`batch` plus the features' ids under `sample_ids` when `enabled` (shared by the collators)."""
+    if enabled:
+        batch[SAMPLE_IDS] = [f.get(SAMPLE_ID) for f in features]
+    return batch

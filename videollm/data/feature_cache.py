@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from videollm.data.dataset import ConversationDataset, record_messages
+from videollm.data.dataset import SAMPLE_ID, ConversationDataset, record_messages
 from videollm.data.formats import ConversationRecord
 from videollm.data.packing import VIDEO_TENSOR_KEYS, concat_video_tensors
 from videollm.data.processor import VideoLLMProcessor
@@ -432,6 +432,7 @@ class CachedFeatureDataset(ConversationDataset):
         features = self.processor.encode(record_messages(record), videos, sample_id=record.id).as_features()
         features.pop("pixel_values_videos")
         features[self.feature_key] = torch.cat([c.features for c in cached]) if cached else None
+        features[SAMPLE_ID] = record.id
         return features
 
     def _frameless(self, cached: CachedVideo, path: str) -> DecodedVideo:

@@ -19,7 +19,7 @@ import torch
 from transformers import DataCollatorWithFlattening
 
 from videollm.data.processor import IGNORE_INDEX
-from videollm.train.guards import SAMPLE_ID, SAMPLE_IDS
+from videollm.data.dataset import with_sample_ids
 
 # Per-video tensors, concatenated along dim 0 in sample order (raw frames, or cached tower / projector outputs).
 VIDEO_TENSOR_KEYS = ("pixel_values_videos", "video_frame_features", "video_embeds")
@@ -60,16 +60,16 @@ class PackingCollator:
     Args:
         return_flash_attn_kwargs: also return `cu_seq_lens_*` / `max_length_*`, which flash-attention would otherwise
             derive from `position_ids` (sdpa and eager ignore them).
+        sample_ids: also list the samples' ids under `sample_ids` (see `VideoCollator`).
     """
 
-    def __init__(self, return_flash_attn_kwargs: bool = False):
+    def __init__(self, return_flash_attn_kwargs: bool = False, sample_ids: bool = False):
         self.flatten = DataCollatorWithFlattening(
             return_position_ids=True, separator_id=IGNORE_INDEX, return_flash_attn_kwargs=return_flash_attn_kwargs
         )
+        self.sample_ids = sample_ids
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         tokens = [{"input_ids": list(f["input_ids"]), "labels": list(f["labels"])} for f in features]
-        batch = dict(self.flatten(tokens, return_tensors="pt"))
-        if any(SAMPLE_ID in f for f in features):
-            batch[SAMPLE_IDS] = [f.get(SAMPLE_ID) for f in features]  # for the non-finite guard; never reaches the model
+        batch = with_sample_ids(features, dict(self.flatten(tokens, return_tensors="pt")), self.sample_ids)
         return concat_video_tensors(features, batch)

@@ -136,7 +136,7 @@ def train_on_kept(
         model=model,
         args=args,
         train_dataset=ConversationDataset(records, processor, BadSamplePolicy.from_args(data_args, args)),
-        data_collator=VideoCollator(processor),
+        data_collator=VideoCollator(processor, sample_ids=True),
         processing_class=processor,
         callbacks=list(callbacks or []),
     )

@@ -48,7 +48,8 @@ from videollm.model.modeling import VideoLLMForConditionalGeneration
 from videollm.model.trainable import TrainablePolicy, apply_trainable_policy, unwrap
 from videollm.train.optim import PartLearningRateArguments, PartLearningRateMixin
 from videollm.train.checkpointing import CheckpointMixin
-from videollm.train.guards import DEFAULT_MAX_NONFINITE_STEPS, MAX_NONFINITE_STEPS_HELP, SAMPLE_IDS, NonFiniteGuardMixin
+from videollm.data.dataset import SAMPLE_IDS
+from videollm.train.guards import DEFAULT_MAX_NONFINITE_STEPS, MAX_NONFINITE_STEPS_HELP, NonFiniteGuardMixin
 from videollm.train.losses import NO_PHRASE, gather_logprobs, phrase_rewards, rrpo_loss, sft_loss, token_kl
 
 logger = logging.getLogger(__name__)

@@ -33,10 +33,10 @@ from transformers import TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 
+from videollm.data.dataset import SAMPLE_IDS
+
 logger = logging.getLogger(__name__)
 
-SAMPLE_ID = "sample_id"  # a dataset item's id (kept for the collator)
-SAMPLE_IDS = "sample_ids"  # a batch's list of sample ids (taken out before the model's forward)
 DEFAULT_MAX_NONFINITE_STEPS = 5
 MAX_NONFINITE_STEPS_HELP = (
     "stop training after this many optimizer steps in a row had a NaN/inf loss or gradient (each such step is skipped "

@@ -19,12 +19,8 @@ from transformers import Trainer, TrainingArguments
 
 from videollm.train.checkpointing import CheckpointMixin
 from videollm.train.optim import PartLearningRateArguments, PartLearningRateMixin
-from videollm.train.guards import (
-    DEFAULT_MAX_NONFINITE_STEPS,
-    MAX_NONFINITE_STEPS_HELP,
-    SAMPLE_ID,
-    NonFiniteGuardMixin,
-)
+from videollm.data.dataset import SAMPLE_ID
+from videollm.train.guards import DEFAULT_MAX_NONFINITE_STEPS, MAX_NONFINITE_STEPS_HELP, NonFiniteGuardMixin
 
 
 @dataclass
