@@ -69,7 +69,7 @@ from videollm.train.dpo import (
     build_preference_dataset,
     preference_rows,
 )
-from videollm.train.checkpointing import RESUME_LATEST, resolve_latest_checkpoint
+from videollm.train.checkpointing import resolve_latest_checkpoint
 from videollm.train.setup import load_or_build
 
 logger = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def train_preferences(
     )
     resume = resolve_latest_checkpoint(output_dir)
     resume = str(resume) if resume else None
-    trainer.train(resume_from_checkpoint=RESUME_LATEST[-1] if resume else None)
+    trainer.train(resume_from_checkpoint="latest" if resume else None)
     trainer.save_model(str(output_dir))
     trainer.save_state()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]

@@ -58,7 +58,7 @@ from videollm.selftrain.runs import (
 )
 from videollm.train.config import DataArguments, ModelArguments
 from videollm.train.setup import load_or_build
-from videollm.train.checkpointing import RESUME_LATEST, resolve_latest_checkpoint
+from videollm.train.checkpointing import resolve_latest_checkpoint
 from videollm.train.sft import VideoSFTConfig, VideoSFTTrainer
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def train_on_kept(
     if resume:
         logger.info("training resumes from %s", resume)
         resume = str(resume)
-    trainer.train(resume_from_checkpoint=RESUME_LATEST[-1] if resume else None)
+    trainer.train(resume_from_checkpoint="latest" if resume else None)
     trainer.save_model(str(output_dir))
     trainer.save_state()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
