@@ -23,7 +23,8 @@ Model FLOPs per step (the same number for every variant that runs the tower; the
 LoRA on a frozen LLM is 4N per token (forward 2N, backward to the activations 2N) plus 6 per LoRA parameter; attention
 8·layers·hidden·s² per sample of length s (forward and backward to activations, not halved for causality); the LM
 head 4·hidden·vocab per scored token (what the loss needs: the peer's logits at unscored positions are waste); the
-vision forward 2N per patch plus its attention. The projector is left out (under 1%). MFU needs the accelerator's peak
+vision forward 2N per patch plus its attention, up to the layer the projector reads (the layers after it, which the
+peer runs and ours cuts, are waste too). The projector is left out (under 1%). MFU needs the accelerator's peak
 (known for H100/H200/A100, else `--peak_tflops`).
 """
 
@@ -227,9 +228,10 @@ def step_flops(preset: dict, samples: list[dict], with_vision: bool, lora_params
     flops += 4 * d * llm["vocab"] * scored
     if with_vision:
         dv, patches = vision["hidden"], (vision["image"] // vision["patch"]) ** 2
-        tower = vision["layers"] * (4 * dv * dv + 2 * dv * vision["intermediate"])
+        needed_layers = vision["layers"] + 1 + VISION_FEATURE_LAYER
+        tower = needed_layers * (4 * dv * dv + 2 * dv * vision["intermediate"])
         frames = sum(s["video_num_frames"][0] for s in samples)
-        flops += frames * (2 * tower * patches + 4 * vision["layers"] * dv * patches * patches)
+        flops += frames * (2 * tower * patches + 4 * needed_layers * dv * patches * patches)
     return float(flops)
 
 

@@ -224,11 +224,63 @@ def test_build_from_pretrained_parts_loads_their_weights(pretrained_parts):
     model, processor = build_model_and_processor(str(vision_dir), str(llm_dir), projector_type="pool", pool_output_size=[4, 2, 2])
     vision = AutoModel.from_pretrained(vision_dir)
     llm = AutoModelForCausalLM.from_pretrained(llm_dir)
-    for name, value in vision.state_dict().items():
-        assert torch.equal(model.model.vision_tower.state_dict()[name], value)
+    tower = model.model.vision_tower.state_dict()
+    # the projector reads layer -2: the last layer and SigLIP's pooling head are never built (next test)
+    unused = {name for name in vision.state_dict() if name.startswith(("encoder.layers.1.", "head."))}
+    assert unused and set(tower) == set(vision.state_dict()) - unused
+    for name, value in tower.items():
+        assert torch.equal(value, vision.state_dict()[name])
     assert torch.equal(model.model.language_model.layers[0].mlp.up_proj.weight, llm.model.layers[0].mlp.up_proj.weight)
     assert model.get_input_embeddings().weight.shape[0] == len(processor.tokenizer)
     assert not any(p.is_meta for p in model.parameters())
+
+
+def test_a_seeded_random_build_with_the_tower_cut_is_the_model_the_full_tower_gave():
+    torch.manual_seed(0)
+    full, _ = build_tiny_model_and_processor(vision_feature_layer=-1)  # reads the last layer: nothing cut
+    torch.manual_seed(0)
+    cut, _ = build_tiny_model_and_processor()  # reads layer -2: the last layer is cut
+    assert len(full.model.vision_tower.encoder.layers) == 2 and len(cut.model.vision_tower.encoder.layers) == 1
+    full_weights = full.state_dict()
+    for name, value in cut.state_dict().items():
+        assert torch.equal(value, full_weights[name]), name
+    frames = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = full.model.vision_tower(pixel_values=frames, output_hidden_states=True).hidden_states[-2]
+        assert torch.equal(cut.model.encode_frames(frames), expected)
+
+
+@pytest.mark.parametrize("family", ["siglip", "clip"])
+def test_tower_layers_after_the_feature_layer_are_dropped_and_features_unchanged(tmp_path, family):
+    from transformers import AutoModel
+
+    from videollm.data.tokenizer import build_tiny_tokenizer
+    from videollm.model.builder import build_model_and_processor
+
+    torch.manual_seed(0)
+    config = tiny_vision_config(family)
+    config.num_hidden_layers = 4
+    full = AutoModel.from_config(config).eval()
+    full.save_pretrained(tmp_path / "tower")
+    tokenizer = build_tiny_tokenizer()
+    model, _ = build_model_and_processor(str(tmp_path / "tower"), tiny_text_config(len(tokenizer)), tokenizer=tokenizer)
+    assert model.config.vision_config.num_hidden_layers == 3 and model.config.vision_feature_layer == -1
+    layers = {name.split("layers.")[1].split(".")[0] for name in model.model.vision_tower.state_dict() if "layers." in name}
+    assert layers == {"0", "1", "2"}
+    assert not hasattr(model.model.vision_tower, "head")  # SigLIP's pooling head reads the last layer: gone too
+    frames = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = full(pixel_values=frames, output_hidden_states=True).hidden_states[-2]
+        features = model.model.eval().encode_frames(frames)
+    assert torch.equal(features, expected[:, 1:] if family == "clip" else expected)
+    # the cut is saved with the model: a reload builds the same 3-layer tower and the same features
+    save_checkpoint(model, _, tmp_path / "saved")
+    reloaded, _ = load_model(tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(reloaded.model.eval().encode_frames(frames), features)
+    # a layer index that needs every layer keeps them all
+    last, _ = build_model_and_processor(config, tiny_text_config(len(tokenizer)), tokenizer=tokenizer, vision_feature_layer=-1)
+    assert last.config.vision_config.num_hidden_layers == 4 and config.num_hidden_layers == 4  # the caller's config untouched
 
 
 def test_lora_trains_only_adapter_and_projector_then_round_trips(pretrained_parts, tmp_path):

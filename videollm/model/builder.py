@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from videollm.model.configuration import VideoLLMConfig
 from videollm.model.modeling import VideoLLMForConditionalGeneration
 from videollm.model.projectors import build_projector
 
+logger = logging.getLogger(__name__)
+
 
 def resolve_vision_config(vision: str | PretrainedConfig, trust_remote_code: bool = False) -> PretrainedConfig:
     """The vision-tower config of a name/path or config; a full CLIP/SigLIP model contributes its vision half."""
@@ -29,11 +32,48 @@ def resolve_vision_config(vision: str | PretrainedConfig, trust_remote_code: boo
     return getattr(config, "vision_config", None) or config
 
 
+def drop_unused_vision_layers(config: PretrainedConfig, feature_layer: int) -> tuple[PretrainedConfig, int]:
+    """The tower config cut after the layer whose output the projector reads, and that layer's index in the cut tower.
+
+    LLaVA-style models read a layer before the last (`vision_feature_layer` -2 by default), so the layers after it
+    (and SigLIP's pooling head on top) would run on every frame for nothing: a quarter of a 4-layer tower's forward,
+    one 27th of SigLIP-so400m's. Cut from the config, they are never built, loaded or run; the kept layers load their
+    pretrained weights unchanged, so the features are the same (LLaVA-NeXT deletes them from its SigLIP tower for the
+    same reason). A config without `num_hidden_layers`, or a layer index that keeps every layer, is returned as is.
+    """
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int):
+        return config, feature_layer
+    keep = feature_layer if feature_layer >= 0 else layers + 1 + feature_layer  # hidden_states[0]: the embeddings
+    if not 1 <= keep < layers:
+        return config, feature_layer
+    logger.info(
+        "vision tower: the projector reads layer %d of %d, so the %d after it are not built (a pretrained "
+        "checkpoint's load report lists their weights as unexpected)", keep, layers, layers - keep,
+    )  # fmt: skip
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = keep
+    if hasattr(config, "vision_use_head"):
+        config.vision_use_head = False
+    return config, -1
+
+
 def _load_vision_tower(
     vision: str | PretrainedConfig, config: PretrainedConfig, dtype: torch.dtype | None, trust_remote_code: bool
 ):
     if not isinstance(vision, (str, Path)):
-        return AutoModel.from_config(config)
+        full_config = resolve_vision_config(vision)
+        full = AutoModel.from_config(full_config)
+        if getattr(full_config, "num_hidden_layers", None) == getattr(config, "num_hidden_layers", None):
+            return full
+        # A random tower with layers cut is the first layers of a random full tower: a seeded build gives the same
+        # weights, features and (the random stream moving on as before) the same LLM as one that kept every layer.
+        with torch.random.fork_rng(devices=[]):
+            tower = AutoModel.from_config(config)
+        missing = tower.load_state_dict(full.state_dict(), strict=False).missing_keys
+        if missing:
+            raise RuntimeError(f"vision tower: cutting layers left weights without a value: {missing}")
+        return tower
     tower_class = MODEL_MAPPING[type(config)]
     return tower_class.from_pretrained(
         str(vision), config=config, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
@@ -83,7 +123,10 @@ def build_model_and_processor(
     missing and the embeddings grow to match. `sampling.frame_size` is set to the vision tower's input size. Weights
     load from safetensors only; code shipped with a hub repository runs only with `trust_remote_code`.
     """
-    vision_config = resolve_vision_config(vision, trust_remote_code)
+    vision_config, feature_layer = drop_unused_vision_layers(
+        resolve_vision_config(vision, trust_remote_code),
+        config_kwargs.pop("vision_feature_layer", VideoLLMConfig.vision_feature_layer),
+    )
     text_config = AutoConfig.from_pretrained(text, trust_remote_code=trust_remote_code) if isinstance(text, (str, Path)) else text
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         source = tokenizer or text
@@ -102,6 +145,7 @@ def build_model_and_processor(
         video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
         vision_name_or_path=str(vision) if isinstance(vision, (str, Path)) else None,
         text_name_or_path=str(text) if isinstance(text, (str, Path)) else None,
+        vision_feature_layer=feature_layer,
         **config_kwargs,
     )
     if attn_implementation is not None:
