@@ -31,9 +31,11 @@ from videollm.selftrain.self_preference import (
     ModelJudge,
     SelfPreferenceArguments,
     best_worst_pairs,
+    borrowed_rejected_pairs,
     run_self_preference,
 )
 from videollm.selftrain.star import StarArguments, run_star, should_stop
+from videollm.selftrain.verifiers import RecordVerifiers
 from videollm.train.config import DataArguments, ModelArguments, parse_config
 from videollm.train.dpo import VideoDPOConfig
 from videollm.train.sft import VideoSFTConfig
@@ -298,6 +300,53 @@ def test_best_and_worst_distinct_answers_become_the_pair():
     assert [p["question_id"] for p in pairs] == ["q0", "q3"]
 
 
+def test_prompts_the_policy_always_gets_right_borrow_a_wrong_answer_of_their_group():
+    def record(i, label, qtype):
+        return LabelledRecord(id=f"q{i}", question="?", label=label, label_type="class", videos=[f"/v/{i}.mp4"],
+                              source="t", meta={"type": qtype})  # fmt: skip
+
+    records = [record(0, "red", "color"), record(1, "blue", "color"), record(2, "green", "color"),
+               record(3, "left", "direction"), record(4, "right", "direction"), record(5, "up", "direction")]  # fmt: skip
+    verifiers = RecordVerifiers(records)
+    prompts = [Prompt(r, r.question) for r in records]
+
+    def answers(r, *texts):
+        return [{"answer": t, "score": float(bool(verifiers(r)(t, r.label))), "verdict": bool(verifiers(r)(t, r.label))}
+                for t in texts]  # fmt: skip
+
+    samples = {
+        "q0": answers(records[0], "red", "Red."),  # all right (two phrasings)
+        "q1": answers(records[1], "blue", "blue"),  # all right
+        "q2": answers(records[2], "red", "red", "red", "green"),  # one wrong: best-vs-worst pairs it
+        "q3": answers(records[3], "left", "left"),  # all right, and nothing wrong was ever said for it
+        "q4": answers(records[4], "left", "right"),  # already paired
+        "q5": answers(records[5], "down", "down"),  # all wrong: nothing to choose
+    }
+    pairs, unpaired = borrowed_rejected_pairs(prompts, samples, verifiers, "type", 0, "/v", 2, paired={"q4"})
+    by_prompt = {p["question_id"]: p for p in pairs}
+    assert sorted(by_prompt) == ["q0", "q1", "q3"]
+    assert by_prompt["q0"]["chosen"] == "red" and by_prompt["q0"]["rejected"] in {"blue", "green"}
+    assert by_prompt["q1"]["chosen"] == "blue" and by_prompt["q1"]["rejected"] in {"red", "Red.", "green"}
+    assert by_prompt["q3"]["rejected"] in {"right", "down"}  # another prompt's answer, wrong for this label
+    assert all(p["rejected_from"] == "another prompt" and p["round"] == 2 for p in pairs)
+    assert by_prompt["q0"]["videos"] == ["0.mp4"]
+    assert not unpaired
+    # drawn as often as the policy said it: "red" was sampled 4 times, "Red." once and "green" once among blue's
+    # wrong answers; the draw is seeded by (seed, round, prompt), so it repeats exactly
+    draws = Counter(
+        borrowed_rejected_pairs(prompts, samples, verifiers, "type", seed, None, 1)[0][1]["rejected"] for seed in range(300)
+    )
+    assert set(draws) == {"red", "Red.", "green"} and draws["red"] > 2 * draws["green"]
+    again, _ = borrowed_rejected_pairs(prompts, samples, verifiers, "type", 0, "/v", 2, paired={"q4"})
+    assert again == pairs
+    # a group where no sample is ever wrong for the prompt: nothing to borrow, counted
+    lonely = {"q3": answers(records[3], "left")}
+    none, unpaired = borrowed_rejected_pairs([prompts[3]], lonely, verifiers, "type", 0, None, 1)
+    assert none == [] and unpaired == {"no_wrong_answer_to_borrow": 1}
+    with pytest.raises(ValueError, match="borrow_rejected: needs scorer: verifier"):
+        SelfPreferenceArguments(scorer="judge", borrow_rejected=True)
+
+
 def test_model_judge_scores_k_answers_with_one_vision_encode(seed_model):
     model, processor = load_model(seed_model)
     frames_per_call = []
@@ -318,7 +367,8 @@ def test_self_preference_round_mines_pairs_and_trains_a_dpo_round(synthetic, see
         "--video_root", str(synthetic), "--output_dir", str(tmp_path / "run"), "--rounds", "1",
         "--verifier", f"{__name__}:answer_length", "--num_samples", "3", "--temperature", "1.5",
         "--max_new_tokens", "10", "--generation_batch_size", "4", "--eval_max_new_tokens", "4", "--max_steps", "2",
-        "--per_device_train_batch_size", "2", "--logging_steps", "1", "--lora_r", "4",
+        "--per_device_train_batch_size", "2", "--logging_steps", "1", "--tune_llm", "lora", "--lora_r", "4",
+        "--tune_projector", "frozen", "--dataloader_num_workers", "0",
     ]  # fmt: skip
     config = parse_config([ModelArguments, DataArguments, SelfPreferenceArguments, VideoDPOConfig], argv)
     config[1].decode_timeout = None
@@ -331,6 +381,13 @@ def test_self_preference_round_mines_pairs_and_trains_a_dpo_round(synthetic, see
     for pair in pairs:
         assert pair.meta["chosen_score"] > pair.meta["rejected_score"]
         assert pair.meta["chosen_score"] == answer_length(pair.chosen, None)
+    borrowed = [pair for pair in pairs if pair.meta.get("rejected_from") == "another prompt"]
+    assert rows[1]["borrowed"] == len(borrowed)
+    for pair in borrowed:  # the config borrows: a question whose answers all verify is paired with a wrong answer
+        question = pair.meta["question_id"]
+        assert all(s["verdict"] for s in samples if s["prompt_id"] == question)
+        assert pair.rejected in {s["answer"].strip() for s in samples if s["prompt_id"] != question}
+        assert answer_length(pair.rejected, None) < 0.5
     assert rows[1]["train_steps"] == 2 and is_adapter_checkpoint(round_dir / "checkpoint")
     assert not is_adapter_checkpoint(round_dir / "model") and rows[1]["model"] == str((round_dir / "model").resolve())
     assert (tmp_path / "run" / "summary.png").is_file() is HAS_MATPLOTLIB

@@ -8,6 +8,8 @@ Each round:
    number, 1/0 for classes), or with a judge (`scorer: judge`): a video LLM asked whether each answer is right, the
    policy itself by default (VideoSAVi's self-critique) or `judge_model_name_or_path`; the score is p(yes);
 3. pair: the best answer is chosen and the worst rejected, when their scores differ by more than `min_score_gap`;
+   with `borrow_rejected`, a question whose k answers all verify is paired too: its answer against another question's
+   sample (same class group) that is wrong for it;
 4. train one DPO round (`VideoDPOTrainer`, every key of `recipes/dpo.py`); with LoRA the adapter is merged after the
    round, and the merged model is the next round's policy AND reference;
 5. evaluate on the labelled `eval_file` with the verifiers.
@@ -21,11 +23,13 @@ import dataclasses
 import gc
 import logging
 import os
+import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainerCallback, set_seed
@@ -37,7 +41,7 @@ from videollm.data.video import DecodedVideo
 from videollm.model.checkpoint import is_adapter_checkpoint, load_model, save_checkpoint
 from videollm.model.trainable import unwrap
 from videollm.selftrain import preferences
-from videollm.selftrain.verifiers import normalize_answer
+from videollm.selftrain.verifiers import RecordVerifiers, normalize_answer
 from videollm.selftrain.runs import (
     RESUMABLE_KEYS,
     Prompt,
@@ -58,6 +62,7 @@ from videollm.selftrain.runs import (
     run_processor,
     run_settings,
     should_stop,
+    stable_seed,
     write_json,
     write_summary,
 )
@@ -96,6 +101,12 @@ class SelfPreferenceArguments(SelfTrainArguments):
     require_correct_chosen: bool = field(
         default=True, metadata={"help": "scorer verifier: pair only when the best answer verifies"}
     )
+    borrow_rejected: bool = field(
+        default=False,
+        metadata={"help": "scorer verifier: a question whose samples all verify borrows its rejected answer from "
+                          "another question of its class group (a sample that is wrong for it), so a question type "
+                          "the policy always gets right still has pairs"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -105,6 +116,8 @@ class SelfPreferenceArguments(SelfTrainArguments):
             raise ValueError("num_samples: a pair needs at least 2 samples per question")
         if "{answer}" not in self.judge_template:
             raise ValueError("judge_template: must contain {answer}")
+        if self.borrow_rejected and self.scorer != "verifier":
+            raise ValueError("borrow_rejected: needs scorer: verifier (a borrowed answer is checked against the label)")
 
 
 class ModelJudge:
@@ -185,6 +198,50 @@ def best_worst_pairs(
             round=round_number, chosen_score=best[score_key], rejected_score=worst[score_key],
         ))  # fmt: skip
     return pairs, dropped
+
+
+def borrowed_rejected_pairs(
+    prompts: Sequence[Prompt],
+    samples: dict[str, list[dict]],
+    verifiers: RecordVerifiers,
+    group_key: str,
+    seed: int,
+    video_root: str | None,
+    round_number: int,
+    paired: Collection[str] = (),
+) -> tuple[list[dict], Counter]:
+    """Pairs for the prompts (not already `paired`) whose samples all verify: their first answer chosen, and rejected a
+    sample of another prompt in the same class group (``meta[group_key]``, e.g. the question type) that fails this
+    prompt's label, drawn as often as the policy gave it.
+
+    Best-vs-worst pairing gives nothing where the policy is always right, so DPO on the other question types' pairs
+    alone is free to move it there: on the synthetic task it went from 100% to 0% on colour in one round. A borrowed
+    rejected answer is still the policy's own text, and the verifier checks it is wrong for this prompt. The choice is
+    seeded by (seed, round, prompt id), so a resumed round pairs the same way.
+    """
+    pool: dict[Any, Counter] = {}  # group -> how often each answer text was sampled
+    for prompt in prompts:
+        answers = pool.setdefault(prompt.record.meta.get(group_key), Counter())
+        answers.update(row["answer"].strip() for row in samples[prompt.id] if (row["answer"] or "").strip())
+    pairs, counts = [], Counter()
+    for prompt in prompts:
+        rows = samples[prompt.id]
+        if prompt.id in paired or not rows or not all(row["verdict"] for row in rows):
+            continue
+        check, label = verifiers(prompt.record), prompt.record.label
+        answers = pool[prompt.record.meta.get(group_key)]
+        wrong = [text for text in answers if not check(text, label)]
+        if not wrong:
+            counts["no_wrong_answer_to_borrow"] += 1
+            continue
+        rng = random.Random(stable_seed(seed, round_number, prompt.id))
+        rejected = rng.choices(wrong, weights=[answers[text] for text in wrong])[0]  # as often as the policy says it
+        owner = preferences.Prompt(id=prompt.id, messages=prompt.messages, videos=list(prompt.record.videos))
+        pairs.append(preferences.preference_record(
+            owner, f"{prompt.id}_round{round_number}_borrowed", rows[0]["answer"], rejected, video_root,
+            round=round_number, chosen_score=rows[0]["score"], rejected_score=0.0, rejected_from="another prompt",
+        ))  # fmt: skip
+    return pairs, counts
 
 
 def train_preferences(
@@ -332,6 +389,14 @@ def _round(
         prompts, samples, score_key, pref_args.min_score_gap,
         pref_args.require_correct_chosen and pref_args.scorer == "verifier", data_args.video_root, number,
     )  # fmt: skip
+    borrowed = []
+    if pref_args.borrow_rejected:
+        borrowed, unpaired = borrowed_rejected_pairs(
+            prompts, samples, sampler.verifiers, pref_args.class_group_key, dpo_args.seed, data_args.video_root,
+            number, paired={pair["question_id"] for pair in pairs},
+        )  # fmt: skip
+        dropped.update(unpaired)
+    pairs += borrowed
     pairs_file = step_dir / "pairs.jsonl"
     write_jsonl(pairs_file, pairs)
     if pairs:
@@ -344,7 +409,7 @@ def _round(
     row = {
         "round": number, "prompts": len(prompts), "samples": len(all_rows),
         "sample_accuracy": sum(r["verdict"] for r in all_rows) / len(all_rows) if all_rows else 0.0,
-        "pairs": len(pairs), "pair_rate": len(pairs) / len(prompts) if prompts else 0.0,
+        "pairs": len(pairs), "pair_rate": len(pairs) / len(prompts) if prompts else 0.0, "borrowed": len(borrowed),
         **{f"dropped/{k}": v for k, v in sorted(dropped.items())},
         "train_steps": training["train_steps"], "train_loss": training["train_loss"],
         "reward_accuracy": training.get("reward_accuracy"), "model": training["model"],
