@@ -15,9 +15,10 @@ Table 1 (training step, batches prepared): the peer's step (`LlavaOnevisionForCo
 transformers' loss over full-vocabulary logits) against ours padded, ours packed (`PackingCollator`), and both reading
 tower features from the cache (`CachedFeatureCollator`: no vision forward). Table 2 (CPU only, `--e2e_videos`): whole
 training iterations from video files: the peer and ours decoding in the loop (`ConversationDataset`, the same decoder
-for both), against ours reading the feature cache (`CachedFeatureDataset`). Variants run round-robin, one step each per
-round; the speed-ups are medians over rounds of the two times of the same round, so a change of machine load between
-rounds cancels out.
+for both), against ours reading the feature cache (`CachedFeatureDataset`), with the share of each iteration spent
+fetching and collating the batch (what `data_wait_fraction` reports in training logs, here without DataLoader
+workers). Variants run round-robin, one step each per round; the speed-ups are medians over rounds of the two times of
+the same round, so a change of machine load between rounds cancels out.
 
 Model FLOPs per step (the same number for every variant that runs the tower; the cached variant drops the vision term):
 LoRA on a frozen LLM is 4N per token (forward 2N, backward to the activations 2N) plus 6 per LoRA parameter; attention
@@ -380,13 +381,19 @@ def e2e_table(preset: dict, args: argparse.Namespace, count: int) -> tuple[list[
         peer_optimizer = torch.optim.AdamW([p for p in peer.parameters() if p.requires_grad], lr=1e-5)
         batch_size = preset["batch"]
 
-        def iterations(dataset, collator, trained=model, trained_optimizer=optimizer) -> Callable[[], None]:
-            """One training iteration per call over consecutive samples (wrapping around), as a DataLoader would."""
+        fetch_seconds: dict[str, list[float]] = {}
+
+        def iterations(name, dataset, collator, trained=model, trained_optimizer=optimizer) -> Callable[[], None]:
+            """One training iteration per call over consecutive samples (wrapping around), as a DataLoader would; the
+            time spent fetching and collating the batch (the training loop's wait for data) is kept per call."""
             positions = itertools.count()
+            fetches = fetch_seconds.setdefault(name, [])
 
             def iteration() -> None:
-                features = [dataset[next(positions) % len(dataset)] for _ in range(batch_size)]
-                train_step(trained, trained_optimizer, on(collator(features), args.device, dtype))
+                start = time.perf_counter()
+                batch = on(collator([dataset[next(positions) % len(dataset)] for _ in range(batch_size)]), args.device, dtype)
+                fetches.append(time.perf_counter() - start)
+                train_step(trained, trained_optimizer, batch)
 
             return iteration
 
@@ -395,12 +402,11 @@ def e2e_table(preset: dict, args: argparse.Namespace, count: int) -> tuple[list[
         packed = args.attn.startswith("flash")
         layout = "packed" if packed else "padded"
         tokens_collator = PackingCollator() if packed else VideoCollator(processor)
+        names = ("peer: decode videos + padded step", f"decode videos + {layout} step", f"feature cache + {layout} step")
         variants = {
-            "peer: decode videos + padded step": iterations(
-                decoded, lambda features: peer_batch(features, processor), peer, peer_optimizer
-            ),
-            f"decode videos + {layout} step": iterations(decoded, tokens_collator),
-            f"feature cache + {layout} step": iterations(cached, CachedFeatureCollator(tokens_collator)),
+            names[0]: iterations(names[0], decoded, lambda features: peer_batch(features, processor), peer, peer_optimizer),
+            names[1]: iterations(names[1], decoded, tokens_collator),
+            names[2]: iterations(names[2], cached, CachedFeatureCollator(tokens_collator)),
         }
         times = round_robin(variants, args.device, args.steps)
         cache_bytes = sum(f.stat().st_size for f in (root / "cache").rglob("*.safetensors"))
@@ -408,7 +414,7 @@ def e2e_table(preset: dict, args: argparse.Namespace, count: int) -> tuple[list[
     rows = [
         {"variant": name, "ms_per_step": 1000 * statistics.median(v), "samples_per_s": batch_size / statistics.median(v),
          "speedup_vs_decoding": paired_ratio(base, v), "speedup_vs_peer": paired_ratio(peer_times, v),
-         "ms_all_steps": [1000 * x for x in v]}
+         "data_wait_fraction": sum(fetch_seconds[name][-len(v):]) / sum(v), "ms_all_steps": [1000 * x for x in v]}
         for name, v in times.items()
     ]  # fmt: skip
     info = {"videos": count, "clip": "64 frames 128x128 h264", "cache_build_s": build_seconds, "cache_mib": cache_bytes / 2**20}
@@ -450,11 +456,11 @@ def main() -> None:
         e2e_rows, info = e2e_table(preset, args, e2e_videos)
         print(f"\nEnd to end from {info['videos']} video files ({info['clip']}), decoding in the training process; "
               f"cache built in {info['cache_build_s']:.1f} s, {info['cache_mib']:.1f} MiB")  # fmt: skip
-        print("\n| iteration | ms / step | samples/s | x ours decoding | x peer decoding |")
-        print("|---|---|---|---|---|")
+        print("\n| iteration | ms / step | samples/s | waiting for data | x ours decoding | x peer decoding |")
+        print("|---|---|---|---|---|---|")
         for r in e2e_rows:
-            print(f"| {r['variant']} | {r['ms_per_step']:.1f} | {r['samples_per_s']:.2f} | {r['speedup_vs_decoding']:.2f}x | "
-                  f"{r['speedup_vs_peer']:.2f}x |")  # fmt: skip
+            print(f"| {r['variant']} | {r['ms_per_step']:.1f} | {r['samples_per_s']:.2f} | {100 * r['data_wait_fraction']:.0f}% | "
+                  f"{r['speedup_vs_decoding']:.2f}x | {r['speedup_vs_peer']:.2f}x |")  # fmt: skip
         result["end_to_end"] = {"rows": e2e_rows, **info}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,7 @@ from videollm.model.modeling import VideoLLMForConditionalGeneration
 from videollm.model.trainable import TrainablePolicy, apply_trainable_policy, unwrap
 from videollm.train.optim import PartLearningRateArguments, PartLearningRateMixin
 from videollm.train.checkpointing import CheckpointMixin
+from videollm.train.data_wait import DataWaitMixin
 from videollm.data.dataset import SAMPLE_IDS
 from videollm.train.guards import DEFAULT_MAX_NONFINITE_STEPS, MAX_NONFINITE_STEPS_HELP, NonFiniteGuardMixin
 from videollm.train.losses import NO_PHRASE, gather_logprobs, phrase_rewards, rrpo_loss, sft_loss, token_kl
@@ -279,11 +280,11 @@ def is_untrained_adapter(model: nn.Module) -> bool:
 # ---- trainer ---------------------------------------------------------------------------------------------------------
 
 
-class VideoDPOTrainer(CheckpointMixin, NonFiniteGuardMixin, PartLearningRateMixin, DPOTrainer):
+class VideoDPOTrainer(CheckpointMixin, NonFiniteGuardMixin, DataWaitMixin, PartLearningRateMixin, DPOTrainer):
     """TRL's DPOTrainer for `VideoLLMForConditionalGeneration`: encode each video once, share it, keep TRL's losses.
 
     Checkpoints are videollm checkpoints, written atomically (`CheckpointMixin`); non-finite steps are skipped and
-    counted (`NonFiniteGuardMixin`).
+    counted (`NonFiniteGuardMixin`); the logs carry the share of time spent waiting for data (`DataWaitMixin`).
 
     Takes the same arguments as `DPOTrainer`; `processing_class` must be the model's `VideoLLMProcessor` and the
     datasets come from `build_preference_dataset`. A model without LoRA and without precomputed reference log-probs

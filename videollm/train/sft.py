@@ -8,7 +8,8 @@ adds on top:
 - the checkpoint layout (adapter + projector + processor + config together, in `output_dir` itself), written by the
   right rank, atomically, with a `latest_checkpoint` pointer (`CheckpointMixin`);
 - the non-finite guard: a NaN/inf step (one corrupt video is enough) is skipped and counted, and the run stops after
-  `max_nonfinite_steps` in a row, naming the samples (`NonFiniteGuardMixin`).
+  `max_nonfinite_steps` in a row, naming the samples (`NonFiniteGuardMixin`);
+- `data_wait_fraction` in the logs: the share of wall time spent waiting for batches (`DataWaitMixin`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from transformers import Trainer, TrainingArguments
 
 from videollm.train.checkpointing import CheckpointMixin
+from videollm.train.data_wait import DataWaitMixin
 from videollm.train.optim import PartLearningRateArguments, PartLearningRateMixin
 from videollm.data.dataset import SAMPLE_ID
 from videollm.train.guards import DEFAULT_MAX_NONFINITE_STEPS, MAX_NONFINITE_STEPS_HELP, NonFiniteGuardMixin
@@ -33,8 +35,9 @@ class VideoSFTConfig(PartLearningRateArguments, TrainingArguments):
     max_nonfinite_steps: int = field(default=DEFAULT_MAX_NONFINITE_STEPS, metadata={"help": MAX_NONFINITE_STEPS_HELP})
 
 
-class VideoSFTTrainer(CheckpointMixin, NonFiniteGuardMixin, PartLearningRateMixin, Trainer):
-    """HF Trainer with videollm checkpoints (loadable with `load_model`, crash-safe) and the non-finite guard."""
+class VideoSFTTrainer(CheckpointMixin, NonFiniteGuardMixin, DataWaitMixin, PartLearningRateMixin, Trainer):
+    """HF Trainer with videollm checkpoints (loadable with `load_model`, crash-safe), the non-finite guard, and the
+    share of time spent waiting for data in its logs."""
 
     def _set_signature_columns_if_needed(self) -> None:
         # The Trainer drops every dataset field the model's forward does not take before collating; a sample's id must
