@@ -44,6 +44,7 @@ from videollm.data.video import DecodedVideo, VideoDecodeError
 from videollm.infer.generate import GenerationSettings, generate_answers
 from videollm.model.checkpoint import load_model, save_checkpoint
 from videollm.selftrain.verifiers import RecordVerifiers, Verdict
+from videollm.train.checkpointing import resolve_latest_checkpoint
 from videollm.train.config import DataArguments, ModelArguments
 from videollm.train.setup import load_or_build
 
@@ -565,6 +566,16 @@ def load_records(data_args: DataArguments, args: SelfTrainArguments) -> tuple[li
         return records[:limit] if limit else records
 
     return read(data_args.train_file, args.limit), read(data_args.eval_file, args.eval_limit)
+
+
+def train_or_resume(trainer: Any, output_dir: Path) -> str | None:
+    """Run `trainer.train`, from the newest complete checkpoint in `output_dir` when an interrupted run left one;
+    returns that checkpoint's path (None for a fresh start)."""
+    resume = resolve_latest_checkpoint(output_dir)
+    if resume:
+        logger.info("training resumes from %s", resume)
+    trainer.train(resume_from_checkpoint="latest" if resume else None)
+    return str(resume) if resume else None
 
 
 def initial_checkpoint(run: RunDirectory, model_args: ModelArguments, data_args: DataArguments, seed: int) -> Path:

@@ -63,6 +63,7 @@ from videollm.selftrain.runs import (
     run_settings,
     should_stop,
     stable_seed,
+    train_or_resume,
     write_json,
     write_summary,
 )
@@ -74,7 +75,6 @@ from videollm.train.dpo import (
     build_preference_dataset,
     preference_rows,
 )
-from videollm.train.checkpointing import resolve_latest_checkpoint
 from videollm.train.setup import load_or_build
 
 logger = logging.getLogger(__name__)
@@ -279,9 +279,7 @@ def train_preferences(
         processing_class=processor,
         callbacks=list(callbacks or []),
     )
-    resume = resolve_latest_checkpoint(output_dir)
-    resume = str(resume) if resume else None
-    trainer.train(resume_from_checkpoint="latest" if resume else None)
+    resume = train_or_resume(trainer, output_dir)
     trainer.save_model(str(output_dir))
     trainer.save_state()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]

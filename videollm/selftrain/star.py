@@ -53,12 +53,12 @@ from videollm.selftrain.runs import (
     run_processor,
     run_settings,
     should_stop,
+    train_or_resume,
     write_json,
     write_summary,
 )
 from videollm.train.config import DataArguments, ModelArguments
 from videollm.train.setup import load_or_build
-from videollm.train.checkpointing import resolve_latest_checkpoint
 from videollm.train.sft import VideoSFTConfig, VideoSFTTrainer
 
 logger = logging.getLogger(__name__)
@@ -140,11 +140,7 @@ def train_on_kept(
         processing_class=processor,
         callbacks=list(callbacks or []),
     )
-    resume = resolve_latest_checkpoint(output_dir)
-    if resume:
-        logger.info("training resumes from %s", resume)
-        resume = str(resume)
-    trainer.train(resume_from_checkpoint="latest" if resume else None)
+    resume = train_or_resume(trainer, output_dir)
     trainer.save_model(str(output_dir))
     trainer.save_state()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
