@@ -17,6 +17,7 @@ from torch import nn
 
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.video import DecodedVideo
+from videollm.model.modeling import KV_CACHE_FIELD
 
 
 @dataclass
@@ -94,13 +95,13 @@ def _generate_batch(model, processor, conversations, videos, settings: Generatio
         use_cache=True,
         logits_to_keep=1,
     )
-    cache = prefill.past_key_values
+    cache = getattr(prefill, KV_CACHE_FIELD)
     if k > 1:
         cache.batch_repeat_interleave(k)
     output = model.generate(
         input_ids=input_ids.repeat_interleave(k, dim=0),
         attention_mask=attention_mask.repeat_interleave(k, dim=0),
-        past_key_values=cache,
+        **{KV_CACHE_FIELD: cache},
         **settings.generate_kwargs(processor),
     )
     texts = processor.batch_decode(output[:, prompt_length:], skip_special_tokens=True)

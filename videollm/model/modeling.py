@@ -19,6 +19,10 @@ from videollm.model.configuration import VideoLLMConfig
 from videollm.model.loss import causal_lm_loss
 from videollm.model.projectors import build_projector
 
+# transformers 5.24 renamed the KV cache's forward argument and output field from `past_key_values` to `cache` (the old
+# name still works, with a warning, until 5.40). The model accepts both and speaks the installed version's name.
+KV_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 @dataclass
 class VideoLLMModelOutput(BaseModelOutputWithPast):
@@ -31,7 +35,7 @@ class VideoLLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("video", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _no_split_modules = []
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -105,7 +109,7 @@ class VideoLLMModel(VideoLLMPreTrainedModel):
         blank = like.new_zeros(1, 3, size, size)
         return torch.cat(self.get_video_features(blank, [1])).sum()
 
-    def _needs_dummy_video(self, past_key_values: Cache | None) -> bool:
+    def _needs_dummy_video(self, cache: Cache | None) -> bool:
         """Whether a forward without video must still run the vision path, as the forwards of other ranks may.
 
         With gradients (training), always: DDP and ZeRO need a gradient for every trainable weight on every rank.
@@ -118,7 +122,7 @@ class VideoLLMModel(VideoLLMPreTrainedModel):
         weight = next(self.vision_tower.parameters())
         if not (hasattr(weight, "ds_id") or isinstance(weight, DTensor)):
             return False
-        return past_key_values is None or past_key_values.get_seq_length() == 0
+        return cache is None or cache.get_seq_length() == 0
 
     def forward(
         self,
@@ -126,6 +130,7 @@ class VideoLLMModel(VideoLLMPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_num_frames: torch.Tensor | None = None,
@@ -139,6 +144,8 @@ class VideoLLMModel(VideoLLMPreTrainedModel):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if video_embeds is not None and pixel_values_videos is not None:
             raise ValueError("pass pixel_values_videos or precomputed video_embeds, not both")
+        if cache is None:
+            cache = past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
@@ -151,20 +158,20 @@ class VideoLLMModel(VideoLLMPreTrainedModel):
                 raise ValueError("pixel_values_videos needs video_num_frames (frames per video, in order)")
             video_features = self.get_video_features(pixel_values_videos, video_num_frames)
             inputs_embeds = self._scatter_video_features(input_ids, inputs_embeds, video_features)
-        elif self._needs_dummy_video(past_key_values):
+        elif self._needs_dummy_video(cache):
             inputs_embeds = inputs_embeds + 0.0 * self._dummy_video_features(inputs_embeds).to(inputs_embeds.dtype)
 
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **{KV_CACHE_FIELD: cache},
             **kwargs,
         )
         return VideoLLMModelOutput(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            **{KV_CACHE_FIELD: getattr(outputs, KV_CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             video_features=video_features,
@@ -233,6 +240,7 @@ class VideoLLMForConditionalGeneration(VideoLLMPreTrainedModel, GenerationMixin)
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_num_frames: torch.Tensor | None = None,
@@ -262,7 +270,7 @@ class VideoLLMForConditionalGeneration(VideoLLMPreTrainedModel, GenerationMixin)
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             pixel_values_videos=pixel_values_videos,
             video_num_frames=video_num_frames,
@@ -283,7 +291,7 @@ class VideoLLMForConditionalGeneration(VideoLLMPreTrainedModel, GenerationMixin)
             return CausalLMOutputWithPast(
                 loss=loss,
                 logits=None,
-                past_key_values=outputs.past_key_values,
+                **{KV_CACHE_FIELD: getattr(outputs, KV_CACHE_FIELD)},
                 hidden_states=outputs.hidden_states,
                 attentions=outputs.attentions,
             )
@@ -298,7 +306,7 @@ class VideoLLMForConditionalGeneration(VideoLLMPreTrainedModel, GenerationMixin)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{KV_CACHE_FIELD: getattr(outputs, KV_CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
