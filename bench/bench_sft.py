@@ -3,6 +3,8 @@
     python bench/bench_sft.py                                          # CPU, small-but-real shapes
     python bench/bench_sft.py --device cuda --preset qwen2.5-0.5b      # SigLIP-so400m + Qwen2.5-0.5B shapes, bf16
     python bench/bench_sft.py --device cuda --preset qwen2.5-7b --json bench/results/sft_7b.json
+    python bench/bench_sft.py --device cuda --preset qwen2.5-7b --frames 32 --variants "ours, padded" \
+        --gradient_checkpointing          # peak GPU memory of ours alone (the peer is not built)
 
 Both sides get the same work: a SigLIP vision tower of the same shape (frozen), a 2-layer MLP projector (trained), a
 Qwen2 LLM of the same shape under the same LoRA (r, alpha, dropout, target layers), the same frames, the same visual
@@ -26,7 +28,9 @@ LoRA on a frozen LLM is 4N per token (forward 2N, backward to the activations 2N
 head 4·hidden·vocab per scored token (what the loss needs: the peer's logits at unscored positions are waste); the
 vision forward 2N per patch plus its attention, up to the layer the projector reads (the layers after it, which the
 peer runs and ours cuts, are waste too). The projector is left out (under 1%). MFU needs the accelerator's peak
-(known for H100/H200/A100, else `--peak_tflops`).
+(known for H100/H200/A100, else `--peak_tflops`); with `--gradient_checkpointing` the recomputed forward is not counted
+(model FLOPs, not hardware FLOPs). On a GPU each variant's peak allocated memory is measured over one extra step,
+with every model this run built resident: `--variants` without a peer variant builds ours only.
 """
 
 from __future__ import annotations
@@ -90,6 +94,8 @@ PRESETS = {
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VISION_FEATURE_LAYER = -2
+PEER_STEP = "peer: LLaVA-OneVision, padded"
+STEP_VARIANTS = (PEER_STEP, "ours, padded", "ours, packed", "ours, padded, feature cache", "ours, packed, feature cache")
 
 
 def parse_args() -> argparse.Namespace:
@@ -108,6 +114,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--e2e_videos", type=int, default=None, help="CPU: videos for the end-to-end table (0: skip)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="accelerator peak for MFU when not known")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of one step per variant")
+    parser.add_argument(
+        "--variants", nargs="+", default=None, choices=STEP_VARIANTS, metavar="NAME",
+        help=f"step variants to run (default: all; the peer is built only when it runs): {' | '.join(STEP_VARIANTS)}",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gradient_checkpointing", action="store_true", help="recompute each LLM layer's activations in the backward"
+    )
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     return parser.parse_args()
 
@@ -132,12 +145,14 @@ def text_config(shape: dict) -> AutoConfig:
 def build_ours(preset: dict, args: argparse.Namespace):
     grid = preset["vision"]["image"] // preset["vision"]["patch"]
     pooled = -(-grid // 2)  # LLaVA-OneVision's ceil(grid / 2)
-    model, processor = build_model_and_processor(
-        vision_config(preset["vision"]), text_config(preset["llm"]), tokenizer=build_tiny_tokenizer(),
-        projector_type="pool", pool_output_size=[preset["frames"], pooled, pooled],
-        vision_feature_layer=VISION_FEATURE_LAYER, sampling=SamplingSpec(num_frames=preset["frames"]),
-        attn_implementation=args.attn,
-    )  # fmt: skip
+    dtype = getattr(torch, preset["dtype"])
+    with torch.device(args.device):  # weights are made where they run, in their dtype: a 7B model never sits in host RAM
+        model, processor = build_model_and_processor(
+            vision_config(preset["vision"]), text_config(preset["llm"]), tokenizer=build_tiny_tokenizer(),
+            projector_type="pool", pool_output_size=[preset["frames"], pooled, pooled],
+            vision_feature_layer=VISION_FEATURE_LAYER, sampling=SamplingSpec(num_frames=preset["frames"]),
+            attn_implementation=args.attn, dtype=dtype,
+        )  # fmt: skip
     # The policy's own LoRA config and switches (apply_trainable_policy refuses random frozen parts, which a benchmark
     # is made of).
     policy = TrainablePolicy(vision="frozen", projector="full", llm="lora", lora_r=preset["lora_r"], lora_alpha=2 * preset["lora_r"])
@@ -145,7 +160,7 @@ def build_ours(preset: dict, args: argparse.Namespace):
     model.model.language_model.requires_grad_(False)
     model.lm_head.requires_grad_(False)
     model = get_peft_model(model, policy.lora_config())
-    return model.to(args.device, getattr(torch, preset["dtype"])), processor
+    return with_checkpointing(model.to(args.device, dtype), args), processor
 
 
 def build_peer(preset: dict, args: argparse.Namespace, video_token_id: int, image_token_id: int):
@@ -155,12 +170,20 @@ def build_peer(preset: dict, args: argparse.Namespace, video_token_id: int, imag
         vision_feature_select_strategy="full", tie_word_embeddings=preset["llm"]["tie"],
     )  # fmt: skip
     config._attn_implementation = args.attn
-    model = LlavaOnevisionForConditionalGeneration(config)
+    dtype = getattr(torch, preset["dtype"])
+    with torch.device(args.device):
+        model = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=dtype)
     lora = LoraConfig(
         r=preset["lora_r"], lora_alpha=2 * preset["lora_r"], lora_dropout=0.05,
         target_modules=rf".*\.language_model\..*\.({'|'.join(LORA_TARGETS)})", modules_to_save=["multi_modal_projector"],
     )  # fmt: skip
-    return get_peft_model(model, lora).to(args.device, getattr(torch, preset["dtype"]))
+    return with_checkpointing(get_peft_model(model, lora).to(args.device, dtype), args)
+
+
+def with_checkpointing(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 # ---- the same samples for both --------------------------------------------------------------------------------------
@@ -270,54 +293,68 @@ def profile(variants: dict[str, Callable[[], None]]) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
+def peak_memory_gib(step: Callable[[], None]) -> float:
+    """Peak allocated GPU memory over one call of `step`, resident weights and optimizer state included."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
 def step_table(preset: dict, args: argparse.Namespace) -> list[dict]:
     dtype = getattr(torch, preset["dtype"])
+    names = [name for name in STEP_VARIANTS if args.variants is None or name in args.variants]
     torch.manual_seed(0)
     ours, processor = build_ours(preset, args)
-    image_token = next(i for i in processor.tokenizer.all_special_ids if i != processor.video_token_id)
-    torch.manual_seed(0)
-    peer = build_peer(preset, args, processor.video_token_id, image_token)
     ours.train()
-    peer.train()
     samples = make_samples(preset, processor)
-    level = "tower"
-    with torch.no_grad():
-        frames = torch.cat([s["pixel_values_videos"] for s in samples]).to(args.device, dtype)
-        cached = encode_videos(ours, frames, [preset["frames"]] * len(samples), level)
-    cached_samples = [{**s, "pixel_values_videos": None, "video_frame_features": c} for s, c in zip(samples, cached)]
+    collators = {
+        "ours, padded": lambda: VideoCollator(processor)(samples),
+        "ours, packed": lambda: PackingCollator()(samples),
+        "ours, padded, feature cache": lambda: CachedFeatureCollator(VideoCollator(processor))(cached_samples()),
+        "ours, packed, feature cache": lambda: CachedFeatureCollator(PackingCollator())(cached_samples()),
+    }
 
-    batches = {
-        "peer: LLaVA-OneVision, padded": on(peer_batch(samples, processor), args.device, dtype),
-        "ours, padded": on(VideoCollator(processor)(samples), args.device, dtype),
-        "ours, packed": on(PackingCollator()(samples), args.device, dtype),
-        "ours, padded, feature cache": on(CachedFeatureCollator(VideoCollator(processor))(cached_samples), args.device, dtype),
-        "ours, packed, feature cache": on(CachedFeatureCollator(PackingCollator())(cached_samples), args.device, dtype),
-    }
-    optimizers = {
-        "peer": torch.optim.AdamW([p for p in peer.parameters() if p.requires_grad], lr=1e-5),
-        "ours": torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-5),
-    }
+    def cached_samples() -> list[dict]:
+        with torch.no_grad():
+            frames = torch.cat([s["pixel_values_videos"] for s in samples]).to(args.device, dtype)
+            cached = encode_videos(ours, frames, [preset["frames"]] * len(samples), "tower")
+        return [{**s, "pixel_values_videos": None, "video_frame_features": c} for s, c in zip(samples, cached)]
+
     variants = {}
-    for name, batch in batches.items():
-        model, optimizer = (peer, optimizers["peer"]) if name.startswith("peer") else (ours, optimizers["ours"])
-        variants[name] = lambda m=model, o=optimizer, b=batch: train_step(m, o, b)
+    ours_optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-5)
+    for name in names:
+        if name == PEER_STEP:
+            image_token = next(i for i in processor.tokenizer.all_special_ids if i != processor.video_token_id)
+            torch.manual_seed(0)
+            peer = build_peer(preset, args, processor.video_token_id, image_token).train()
+            peer_optimizer = torch.optim.AdamW([p for p in peer.parameters() if p.requires_grad], lr=1e-5)
+            batch = on(peer_batch(samples, processor), args.device, dtype)
+            variants[name] = lambda m=peer, o=peer_optimizer, b=batch: train_step(m, o, b)
+        else:
+            batch = on(collators[name](), args.device, dtype)
+            variants[name] = lambda b=batch: train_step(ours, ours_optimizer, b)
     if args.profile:
         profile(variants)
     times = round_robin(variants, args.device, args.steps)
+    peaks = {name: peak_memory_gib(step) for name, step in variants.items()} if args.device.startswith("cuda") else {}
 
     lora_params = sum(p.numel() for n, p in ours.named_parameters() if "lora_" in n)
     tokens = sum(len(s["input_ids"]) for s in samples)
     peak = peak_tflops(args)
-    peer_times = times["peer: LLaVA-OneVision, padded"]
+    peer_times = times.get(PEER_STEP)
     rows = []
     for name, values in times.items():
         seconds = statistics.median(values)
         flops = step_flops(preset, samples, with_vision="feature cache" not in name, lora_params=lora_params)
         rows.append({
             "variant": name, "ms_per_step": 1000 * seconds, "samples_per_s": len(samples) / seconds,
-            "tokens_per_s": tokens / seconds, "speedup_vs_peer": paired_ratio(peer_times, values),
+            "tokens_per_s": tokens / seconds,
+            "speedup_vs_peer": paired_ratio(peer_times, values) if peer_times else None,
             "model_tflop_per_step": flops / 1e12, "achieved_tflops": flops / seconds / 1e12,
-            "mfu": flops / seconds / (peak * 1e12) if peak else None, "ms_all_steps": [1000 * v for v in values],
+            "mfu": flops / seconds / (peak * 1e12) if peak else None, "peak_memory_gib": peaks.get(name),
+            "ms_all_steps": [1000 * v for v in values],
         })  # fmt: skip
     return rows
 
@@ -439,16 +476,18 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, {preset['dtype']}, attn {args.attn}; preset {args.preset}: LLM {llm['layers']}x{llm['hidden']} "
         f"vocab {llm['vocab']}, vision {vision['layers']}x{vision['hidden']} at {vision['image']}px/patch {vision['patch']}, "
         f"{preset['frames']} frames, batch {preset['batch']}, answers {preset['answers'][0]}-{preset['answers'][1]} tokens, "
-        f"LoRA r={preset['lora_r']}; median of {args.steps} steps"
+        f"LoRA r={preset['lora_r']}{', gradient checkpointing' if args.gradient_checkpointing else ''}; median of {args.steps} steps"
     )  # fmt: skip
     print(header)
     rows = step_table(preset, args)
-    print("\n| step | ms / step | samples/s | tokens/s | x peer | model TFLOP/s | MFU |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| step | ms / step | samples/s | tokens/s | x peer | model TFLOP/s | MFU | peak GPU memory |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        ratio = f"{r['speedup_vs_peer']:.2f}x" if r["speedup_vs_peer"] is not None else "n/a"
+        memory = f"{r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] is not None else "n/a"
         print(f"| {r['variant']} | {r['ms_per_step']:.1f} | {r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
-              f"{r['speedup_vs_peer']:.2f}x | {r['achieved_tflops']:.4f} | {mfu} |")  # fmt: skip
+              f"{ratio} | {r['achieved_tflops']:.4f} | {mfu} | {memory} |")  # fmt: skip
     result = {"header": header, "preset": args.preset, "shapes": preset, "device": args.device, "step": rows}
 
     e2e_videos = args.e2e_videos if args.e2e_videos is not None else (8 if args.device == "cpu" else 0)
