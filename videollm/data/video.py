@@ -801,7 +801,9 @@ class FrameReader:
 # ------------------------------------------------------------------------------------------------------ writing
 
 _ENCODER_OPTIONS = {
-    "libx264": {"crf": "18", "preset": "veryfast"},
+    # One encoder thread: threaded x264 output changed with machine load (same seed, different bytes), and for the
+    # small clips this writes one thread is also the faster.
+    "libx264": {"crf": "18", "preset": "veryfast", "threads": "1"},
     "mpeg4": {},
     "libvpx-vp9": {"crf": "30", "b": "0", "deadline": "realtime", "cpu-used": "8"},
 }
