@@ -14,7 +14,8 @@ answer lengths, and the same step: forward with labels, backward, AdamW. Random 
 their values.
 
 Table 1 (training step, batches prepared): the peer's step (`LlavaOnevisionForConditionalGeneration`, padded batch,
-transformers' loss over full-vocabulary logits) against ours padded, ours packed (`PackingCollator`), and both reading
+transformers' loss over full-vocabulary logits) against ours padded, ours packed (`PackingCollator`; with `--attn sdpa`
+ours runs `sdpa_packed`, which attends per sample on packed rows and is sdpa on padded ones), and both reading
 tower features from the cache (`CachedFeatureCollator`: no vision forward). Table 2 (CPU only, `--e2e_videos`): whole
 training iterations from video files: the peer and ours decoding in the loop (`ConversationDataset`, the same decoder
 for both), against ours reading the feature cache (`CachedFeatureDataset`), with the share of each iteration spent
@@ -69,6 +70,7 @@ from videollm.data.processor import IGNORE_INDEX
 from videollm.data.sampling import SamplingSpec
 from videollm.data.tokenizer import build_tiny_tokenizer
 from videollm.data.video import write_video
+from videollm.model.attention import PACKED_SDPA
 from videollm.model.builder import build_model_and_processor
 from videollm.model.trainable import TrainablePolicy
 
@@ -151,7 +153,7 @@ def build_ours(preset: dict, args: argparse.Namespace):
             vision_config(preset["vision"]), text_config(preset["llm"]), tokenizer=build_tiny_tokenizer(),
             projector_type="pool", pool_output_size=[preset["frames"], pooled, pooled],
             vision_feature_layer=VISION_FEATURE_LAYER, sampling=SamplingSpec(num_frames=preset["frames"]),
-            attn_implementation=args.attn, dtype=dtype,
+            attn_implementation=PACKED_SDPA if args.attn == "sdpa" else args.attn, dtype=dtype,
         )  # fmt: skip
     # The policy's own LoRA config and switches (apply_trainable_policy refuses random frozen parts, which a benchmark
     # is made of).
@@ -434,9 +436,9 @@ def e2e_table(preset: dict, args: argparse.Namespace, count: int) -> tuple[list[
 
             return iteration
 
-        # Packing pays off with flash-attention's varlen kernel; sdpa on a CPU gets a dense block-diagonal mask over the
-        # whole packed row instead, which costs more than the padding it saves at these lengths.
-        packed = args.attn.startswith("flash")
+        # Packing pays off when attention runs per sample (flash-attention's varlen kernel, ours `sdpa_packed`); eager
+        # gets a dense block-diagonal mask over the whole packed row, which costs more than the padding it saves.
+        packed = args.attn.startswith("flash") or args.attn == "sdpa"
         layout = "packed" if packed else "padded"
         tokens_collator = PackingCollator() if packed else VideoCollator(processor)
         names = ("peer: decode videos + padded step", f"decode videos + {layout} step", f"feature cache + {layout} step")

@@ -10,7 +10,10 @@ from videollm.data.dataset import VideoCollator
 from videollm.data.packing import PackingCollator, dense_packing_warning
 from videollm.data.sampling import SamplingSpec
 from videollm.data.video import DecodedVideo
+from videollm.model.attention import PACKED_SDPA, packed_segments
 from videollm.model.presets import build_tiny_model_and_processor
+from videollm.train.config import DataArguments, ModelArguments
+from videollm.train.setup import load_or_build
 
 
 def make_video(num_frames: int, seed: int) -> DecodedVideo:
@@ -39,7 +42,7 @@ def features(processor) -> list[dict]:
     return encoded
 
 
-@pytest.fixture(scope="module", params=["sdpa", "eager"])
+@pytest.fixture(scope="module", params=["sdpa", "eager", PACKED_SDPA])
 def tiny(request):
     torch.manual_seed(0)
     return build_tiny_model_and_processor(
@@ -100,7 +103,68 @@ def test_packed_logits_equal_padded_logits(tiny):
 
 def test_dense_mask_warning_only_without_a_varlen_kernel():
     assert dense_packing_warning("flash_attention_2") is None
+    assert dense_packing_warning(PACKED_SDPA) is None
     assert "dense block-diagonal mask" in dense_packing_warning("sdpa")
+
+
+def test_packed_segments_are_the_samples_of_a_packed_row():
+    query = torch.zeros(1, 2, 6, 4)
+    assert packed_segments(torch.tensor([[0, 1, 2, 0, 1, 0]]), query, query) == [(0, 3), (3, 5), (5, 6)]
+    assert packed_segments(torch.tensor([[5, 6, 7, 0, 1, 2]]), query, query) == [(0, 3), (3, 6)]
+    assert packed_segments(torch.arange(6)[None], query, query) is None  # one sample: plain sdpa
+    assert packed_segments(None, query, query) is None
+    assert packed_segments(torch.tensor([[0, 1, 2, 0, 1, 0]] * 2), query.expand(2, -1, -1, -1), query) is None  # padded
+    cached_keys = torch.zeros(1, 2, 9, 4)  # generation: the keys include the KV cache
+    assert packed_segments(torch.tensor([[0, 1, 2, 0, 1, 0]]), query, cached_keys) is None
+
+
+def test_sdpa_packed_attends_once_per_sample(monkeypatch):
+    """On a packed row every attention call covers one sample (no dense mask over the row); padded batches and the
+    samples' own forwards are plain sdpa, one call per layer."""
+    import videollm.model.attention as attention
+
+    torch.manual_seed(0)
+    model, processor = build_tiny_model_and_processor("pool", sampling=SamplingSpec(num_frames=4), attn_implementation=PACKED_SDPA)
+    samples = features(processor)[:3]
+    lengths = [len(s["input_ids"]) for s in samples]
+    layers = model.config.text_config.num_hidden_layers
+    seen = []
+    real = attention.sdpa_attention_forward
+
+    llm_modules = set(map(id, model.model.language_model.modules()))
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        if id(module) in llm_modules:  # the vision tower's attention (plain sdpa here) is not what this is about
+            seen.append((query.shape[0], query.shape[2], attention_mask is None))
+        return real(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", recording)
+    model.eval()
+    with torch.no_grad():
+        model(**{k: v for k, v in PackingCollator()(samples).items() if k != "labels"}, use_cache=False)
+        assert seen == [(1, n, True) for n in lengths] * layers
+        seen.clear()
+        model(**{k: v for k, v in VideoCollator(processor)(samples).items() if k != "labels"})
+    assert seen == [(3, max(lengths), False)] * layers  # padded: sdpa with the padding mask
+
+
+def test_sdpa_packed_generates_like_sdpa():
+    torch.manual_seed(0)
+    model, processor = build_tiny_model_and_processor("pool", sampling=SamplingSpec(num_frames=4))
+    messages = [[{"role": "user", "content": "<video>\nWhat color is the square?"}], [{"role": "user", "content": "Say hi."}]]
+    inputs = processor(messages, [[make_video(4, 0)], []])
+    model.eval()
+    plain = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    model.set_attn_implementation({"text_config": PACKED_SDPA})
+    assert torch.equal(model.generate(**inputs, max_new_tokens=6, do_sample=False), plain)
+
+
+@pytest.mark.parametrize(("packing", "expected"), [(True, PACKED_SDPA), (False, "sdpa")])
+def test_sft_setup_packs_with_sdpa_packed(packing, expected):
+    model_args = ModelArguments(tiny=True, tune_llm="full", tune_projector="full")
+    model, _ = load_or_build(model_args, DataArguments(packing=packing, num_frames=4), seed=0)
+    assert model.config.text_config._attn_implementation == expected
+    assert model.config.vision_config._attn_implementation == "sdpa"
 
 
 class _Features(torch.utils.data.Dataset):

@@ -1,8 +1,9 @@
 """Padding-free batches: every sample of a batch in one row, positions restarting per sample.
 
 transformers does the attention part: with `position_ids` that restart and no `attention_mask`, flash-attention 2/3
-runs varlen over the samples, and sdpa/eager get a block-diagonal causal mask (built only when no KV cache is made,
-which the model's training forward ensures). `DataCollatorWithFlattening` lays out the tokens; what video adds is the
+runs varlen over the samples, our `sdpa_packed` (`videollm.model.attention`, what SFT switches sdpa to when packing)
+runs sdpa once per sample, and sdpa/eager get a block-diagonal causal mask (built only when no KV cache is made, which
+the model's training forward ensures). `DataCollatorWithFlattening` lays out the tokens; what video adds is the
 frames (or cached features) of every sample, concatenated in sample order, which is the order of the `<video>`
 placeholders in the packed row.
 
@@ -19,6 +20,7 @@ import torch
 from transformers import DataCollatorWithFlattening
 
 from videollm.data.processor import IGNORE_INDEX
+from videollm.model.attention import PACKED_SDPA
 from videollm.data.dataset import with_sample_ids
 
 # Per-video tensors, concatenated along dim 0 in sample order (raw frames, or cached tower / projector outputs).
@@ -39,18 +41,18 @@ def concat_video_tensors(features: Sequence[dict[str, Any]], batch: dict[str, An
 
 
 def dense_packing_warning(attn_implementation: str | None) -> str | None:
-    """Why packing may cost more than it saves with this attention implementation (None when it is a varlen kernel).
+    """Why packing may cost more than it saves with this attention implementation (None when it attends per sample).
 
     For sdpa and eager, transformers turns the packed row into one dense block-diagonal mask over the whole row, so
     attention work grows with the square of the row (every sample of the batch) instead of the sum of the samples'
     squares; on the CPU benchmark (bench/RESULTS.md) that cost more than the padding saved.
     """
-    if attn_implementation is not None and attn_implementation.startswith("flash"):
+    if attn_implementation is not None and (attn_implementation.startswith("flash") or attn_implementation == PACKED_SDPA):
         return None
     return (
         f"packing: true with attn_implementation {attn_implementation or 'sdpa'}: samples are separated by a dense "
         "block-diagonal mask over the whole packed row, so attention costs grow with the square of the row; packing pays "
-        "off with flash_attention_2/3 (varlen kernels)"
+        f"off with {PACKED_SDPA} or flash_attention_2/3"
     )
 
 

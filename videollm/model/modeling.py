@@ -15,6 +15,7 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from videollm.model import attention  # noqa: F401  registers the sdpa_packed attention with transformers
 from videollm.model.configuration import VideoLLMConfig
 from videollm.model.loss import causal_lm_loss
 from videollm.model.projectors import build_projector

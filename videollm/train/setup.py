@@ -9,6 +9,7 @@ from transformers import Trainer, set_seed
 
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.sampling import SamplingSpec
+from videollm.model.attention import PACKED_SDPA
 from videollm.model.builder import build_model_and_processor
 from videollm.model.checkpoint import is_adapter_checkpoint, load_model
 from videollm.model.presets import build_tiny_model_and_processor
@@ -63,6 +64,10 @@ def load_or_build(
         )
     for key, value in data_args.processor_overrides().items():
         setattr(processor, key, value)
+    if data_args.packing and model.config.text_config._attn_implementation == "sdpa":
+        # Packed rows attend per sample instead of through one dense mask over the whole row; padded batches and
+        # generation run plain sdpa either way.
+        model.set_attn_implementation({"text_config": PACKED_SDPA})
     if not continue_adapter:
         model = apply_trainable_policy(model, model_args.policy())
     return model, processor
