@@ -54,7 +54,9 @@ class ModelArguments:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa | eager | flash_attention_2"})
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "sdpa | sdpa_packed | eager | flash_attention_2 (packing: true turns sdpa into sdpa_packed)"}
+    )
     model_dtype: str | None = field(default=None, metadata={"help": "weights dtype: float32 | bfloat16 | float16"})
 
     def __post_init__(self) -> None:
