@@ -801,10 +801,10 @@ class FrameReader:
 # ------------------------------------------------------------------------------------------------------ writing
 
 _ENCODER_OPTIONS = {
-    # x264's C code paths, one thread: with its SIMD paths the same frames sometimes gave different bytes within one
-    # process (about 1 in 10 regenerations of a 14-clip synthetic set, with torch loaded; none in 120 with asm=0), and
-    # synthetic sets must regenerate byte for byte. Encoding takes 1.5-2.5x longer, fine for the test clips and
-    # synthetic data this writes.
+    # x264's C code paths: with its SIMD paths the same frames sometimes gave different bytes within one process
+    # (about 1 in 10 regenerations of a 14-clip synthetic set, with torch loaded; none in 120 with asm=0), and synthetic
+    # sets must regenerate byte for byte. Encoding takes 1.5-2.5x longer, fine for the test clips and synthetic data
+    # this writes. One thread: for these small clips it encoded faster than x264's automatic thread count.
     "libx264": {"crf": "18", "preset": "veryfast", "threads": "1", "x264-params": "asm=0"},
     "mpeg4": {},
     "libvpx-vp9": {"crf": "30", "b": "0", "deadline": "realtime", "cpu-used": "8"},
