@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import itertools
 import json
 import platform
@@ -74,6 +73,7 @@ from videollm.data.video import write_video
 from videollm.model.attention import PACKED_SDPA
 from videollm.model.builder import build_model_and_processor
 from videollm.model.trainable import TrainablePolicy
+from videollm.train.hardware import Hardware
 
 SO400M = {"hidden": 1152, "layers": 27, "heads": 16, "intermediate": 4304, "image": 384, "patch": 14}
 PRESETS = {
@@ -465,7 +465,7 @@ def e2e_table(preset: dict, args: argparse.Namespace, count: int) -> tuple[list[
 def main() -> None:
     args = parse_args()
     if args.attn is None:
-        args.attn = "flash_attention_2" if args.device.startswith("cuda") and importlib.util.find_spec("flash_attn") else "sdpa"
+        args.attn = Hardware.detect(use_cpu=not args.device.startswith("cuda")).attention(None, packing=False)
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = {**PRESETS[args.preset], "llm": dict(PRESETS[args.preset]["llm"])}

@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not records:
         sys.exit("error: no records: give train_file (and eval_file)")
 
-    model, processor = load_or_build(model_args, data_args, seed=training_args.seed)
+    model, processor = load_or_build(model_args, data_args, seed=training_args.seed, training_args=training_args)
     try:
         level = cacheable_level(model) if cache_args.cache_level == "auto" else cache_args.cache_level
         if level == "projector" and cacheable_level(model) != "projector":

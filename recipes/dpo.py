@@ -53,7 +53,7 @@ def main() -> None:
     except DataValidationError as error:
         sys.exit(f"error: invalid data, nothing was trained:\n{error}")
 
-    model, processor = load_or_build(model_args, data_args, seed=dpo_args.seed)
+    model, processor = load_or_build(model_args, data_args, seed=dpo_args.seed, training_args=dpo_args)
     with dpo_args.main_process_first(desc="preference datasets"):
         datasets = {path: build_preference_dataset(file_rows, processor) for path, file_rows in rows.items()}
         eval_set = build_preference_dataset(eval_rows, processor) if eval_rows else None

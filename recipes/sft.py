@@ -44,7 +44,7 @@ def main() -> None:
     except DataValidationError as error:
         sys.exit(f"error: invalid data, nothing was trained:\n{error}")
 
-    model, processor = load_or_build(model_args, data_args, seed=training_args.seed)
+    model, processor = load_or_build(model_args, data_args, seed=training_args.seed, training_args=training_args)
     collator = PackingCollator(sample_ids=True) if data_args.packing else VideoCollator(processor, sample_ids=True)
     if data_args.packing and (note := dense_packing_warning(model.config.text_config._attn_implementation)):
         print(f"warning: {note}", file=sys.stderr, flush=True)

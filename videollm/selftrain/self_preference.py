@@ -261,7 +261,7 @@ def train_preferences(
     if done is not None:
         return done
     set_seed(dpo_args.seed)
-    model, _ = load_or_build(model_from(model_args, start), data_args)
+    model, _ = load_or_build(model_from(model_args, start), data_args, training_args=dpo_args)
     rows = preference_rows(load_preferences(pairs_file, video_root=data_args.video_root))
     dataset = build_preference_dataset(rows, processor, cache_dir=str(step_dir / "datasets"))
     args = dataclasses.replace(dpo_args, output_dir=str(output_dir), rounds=1, round_train_files=None)

@@ -129,7 +129,7 @@ def train_on_kept(
     if done is not None:
         return done
     set_seed(training_args.seed)  # LoRA and any new weights start the same in a rerun
-    model, _ = load_or_build(model_from(model_args, start), data_args)
+    model, _ = load_or_build(model_from(model_args, start), data_args, training_args=training_args)
     records = load_conversations(train_file)
     args = dataclasses.replace(training_args, output_dir=str(output_dir))
     trainer = VideoSFTTrainer(

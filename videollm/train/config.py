@@ -55,9 +55,15 @@ class ModelArguments:
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     attn_implementation: str | None = field(
-        default=None, metadata={"help": "sdpa | sdpa_packed | eager | flash_attention_2 (packing: true turns sdpa into sdpa_packed)"}
-    )
-    model_dtype: str | None = field(default=None, metadata={"help": "weights dtype: float32 | bfloat16 | float16"})
+        default=None,
+        metadata={"help": "sdpa | sdpa_packed | eager | flash_attention_2 (packing: true turns sdpa into sdpa_packed); "
+                  "default: flash_attention_2 on a GPU with flash-attn installed, else sdpa"},
+    )  # fmt: skip
+    model_dtype: str | None = field(
+        default=None,
+        metadata={"help": "dtype of every weight, trained ones included: float32 | bfloat16 | float16; default: frozen "
+                  "weights in bf16 when training in bf16 on a GPU and trained ones in fp32, else fp32"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         sources = [bool(self.model_name_or_path), bool(self.vision_name_or_path or self.llm_name_or_path), self.tiny]

@@ -49,6 +49,7 @@ from videollm.model.trainable import TrainablePolicy, apply_trainable_policy, un
 from videollm.train.optim import PartLearningRateArguments, PartLearningRateMixin
 from videollm.train.checkpointing import CheckpointMixin
 from videollm.train.data_wait import DataWaitMixin
+from videollm.train.hardware import DeviceDefaultsArguments
 from videollm.data.dataset import SAMPLE_IDS
 from videollm.train.guards import DEFAULT_MAX_NONFINITE_STEPS, MAX_NONFINITE_STEPS_HELP, NonFiniteGuardMixin
 from videollm.train.losses import NO_PHRASE, gather_logprobs, phrase_rewards, rrpo_loss, sft_loss, token_kl
@@ -66,8 +67,9 @@ REF_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
 
 
 @dataclass
-class VideoDPOConfig(PartLearningRateArguments, DPOConfig):
-    """TRL's DPOConfig plus RRPO and multi-round options.
+class VideoDPOConfig(DeviceDefaultsArguments, PartLearningRateArguments, DPOConfig):
+    """TRL's DPOConfig plus RRPO and multi-round options; bf16 and gradient checkpointing default as in SFT
+    (`videollm.train.hardware`), not TRL's always-on.
 
     `max_length` is not a key here: the data keys own it (`DataArguments.max_length`), and the processor applies it
     without ever cutting visual tokens.

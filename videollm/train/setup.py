@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from torch import nn
-from transformers import Trainer, set_seed
+from transformers import Trainer, TrainingArguments, set_seed
 
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.sampling import SamplingSpec
@@ -15,22 +15,31 @@ from videollm.model.checkpoint import is_adapter_checkpoint, load_model
 from videollm.model.presets import build_tiny_model_and_processor
 from videollm.model.trainable import apply_trainable_policy
 from videollm.train.config import DataArguments, ModelArguments
+from videollm.train.hardware import Hardware, upcast_trainable_parameters
 
 logger = logging.getLogger(__name__)
 DEFAULT_SAMPLING = SamplingSpec(num_frames=8)
 
 
 def load_or_build(
-    model_args: ModelArguments, data_args: DataArguments, seed: int | None = None
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    seed: int | None = None,
+    training_args: TrainingArguments | None = None,
+    hardware: Hardware | None = None,
 ) -> tuple[nn.Module, VideoLLMProcessor]:
     """Build a new model (tiny, or from a vision tower + an LLM) or load a checkpoint, then apply the trainable policy.
 
     A checkpoint keeps its saved sampling spec unless the data keys ask for another one. With `seed`, new weights
     (a tiny model, a new projector, LoRA) are drawn from it, so the same config builds the same model in every process
     that builds it: the recipe, its other ranks, and `data_tools/cache_features.py`, whose cache is keyed by the weights.
+    Unset `model_dtype` and `attn_implementation` follow `hardware` (default: the device `training_args` trains on) and
+    the run's precision, as `videollm.train.hardware` describes; every parameter that trains is then kept in fp32.
     """
     if seed is not None:
         set_seed(seed)
+    hardware = hardware or Hardware.detect(use_cpu=bool(getattr(training_args, "use_cpu", False)))
+    dtype = hardware.frozen_weights_dtype(model_args.torch_dtype(), bf16_training=bool(getattr(training_args, "bf16", False)))
     requested = data_args.sampling_spec()
     architecture = {
         "projector_type": model_args.projector_type,
@@ -42,12 +51,12 @@ def load_or_build(
     continue_adapter = False
     if model_args.tiny:
         model, processor = build_tiny_model_and_processor(
-            sampling=requested or DEFAULT_SAMPLING, image_size=model_args.tiny_image_size, **architecture
+            sampling=requested or DEFAULT_SAMPLING, image_size=model_args.tiny_image_size, dtype=dtype, **architecture
         )
     elif model_args.model_name_or_path:
         continue_adapter = is_adapter_checkpoint(model_args.model_name_or_path) and model_args.tune_llm == "lora"
         model, processor = load_model(
-            model_args.model_name_or_path, dtype=model_args.torch_dtype(), trainable=continue_adapter, merge=not continue_adapter
+            model_args.model_name_or_path, dtype=dtype, trainable=continue_adapter, merge=not continue_adapter
         )
         if requested is not None and requested != processor.spec:
             logger.warning("sampling spec %s replaces the checkpoint's %s", requested, processor.spec)
@@ -58,18 +67,19 @@ def load_or_build(
             model_args.llm_name_or_path,
             tokenizer=model_args.tokenizer_name_or_path,
             sampling=requested or DEFAULT_SAMPLING,
-            dtype=model_args.torch_dtype(),
-            attn_implementation=model_args.attn_implementation,
+            dtype=dtype,
             **architecture,
         )
     for key, value in data_args.processor_overrides().items():
         setattr(processor, key, value)
-    if data_args.packing and model.config.text_config._attn_implementation == "sdpa":
-        # Packed rows attend per sample instead of through one dense mask over the whole row; padded batches and
-        # generation run plain sdpa either way.
-        model.set_attn_implementation({"text_config": PACKED_SDPA})
+    text_attention = hardware.attention(model_args.attn_implementation, data_args.packing)
+    # sdpa_packed is for packed LLM rows; the tower attends within one frame and runs plain sdpa.
+    vision_attention = "sdpa" if text_attention == PACKED_SDPA else text_attention
+    model.set_attn_implementation({"vision_config": vision_attention, "text_config": text_attention})
     if not continue_adapter:
         model = apply_trainable_policy(model, model_args.policy())
+    if model_args.model_dtype is None:
+        upcast_trainable_parameters(model)
     return model, processor
 
 

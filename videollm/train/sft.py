@@ -20,14 +20,15 @@ from transformers import Trainer, TrainingArguments
 
 from videollm.train.checkpointing import CheckpointMixin
 from videollm.train.data_wait import DataWaitMixin
+from videollm.train.hardware import DeviceDefaultsArguments
 from videollm.train.optim import PartLearningRateArguments, PartLearningRateMixin
 from videollm.data.dataset import SAMPLE_ID
 from videollm.train.guards import DEFAULT_MAX_NONFINITE_STEPS, MAX_NONFINITE_STEPS_HELP, NonFiniteGuardMixin
 
 
 @dataclass
-class VideoSFTConfig(PartLearningRateArguments, TrainingArguments):
-    """transformers' TrainingArguments plus the non-finite guard's limit.
+class VideoSFTConfig(DeviceDefaultsArguments, PartLearningRateArguments, TrainingArguments):
+    """transformers' TrainingArguments plus the non-finite guard's limit, with bf16 following the device.
 
     `resume_from_checkpoint: true` (or `latest`) resumes from the checkpoint `output_dir/latest_checkpoint` names.
     """
