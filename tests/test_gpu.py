@@ -89,3 +89,38 @@ def test_liger_loss_equals_the_chunked_loss():
         results.append((loss.detach(), *torch.autograd.grad(loss, [hidden, head.weight])))
     for liger, chunked in zip(*results, strict=True):
         assert torch.allclose(liger, chunked, atol=1e-4, rtol=1e-3)
+
+
+def test_device_defaults_train_in_bf16_with_fp32_trainables(tmp_path):
+    """The defaults of `videollm.train.hardware` on this GPU: bf16 autocast on, frozen weights stored in bf16, LoRA and
+    the projector in fp32; two Trainer steps run, the loss is finite and only the trainable weights change."""
+    from transformers import Trainer
+
+    from videollm.model.trainable import unwrap
+    from videollm.train.config import DataArguments, ModelArguments
+    from videollm.train.setup import load_or_build
+    from videollm.train.sft import VideoSFTConfig
+
+    torch.manual_seed(0)
+    base, processor = build_tiny_model_and_processor("pool", sampling=SamplingSpec(num_frames=4))
+    base.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    args = VideoSFTConfig(
+        output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
+    )  # fmt: skip
+    assert args.bf16 is torch.cuda.is_bf16_supported()
+    model_args = ModelArguments(model_name_or_path=str(tmp_path / "base"), tune_llm="lora", lora_r=4)
+    model, processor = load_or_build(model_args, DataArguments(num_frames=4), seed=0, training_args=args)
+    frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    assert {p.dtype for p in unwrap(model).model.vision_tower.parameters()} == {frozen_dtype}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in trainable.values()} == {torch.float32}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainer = Trainer(model=model, args=args, train_dataset=features(processor), data_collator=VideoCollator(processor))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    after = dict(model.named_parameters())
+    assert any(not torch.equal(after[n].detach().cpu(), v.cpu()) for n, v in trainable.items() if "lora_B" in n)
+    assert all(torch.equal(after[n].detach().cpu(), v.cpu()) for n, v in frozen.items())
