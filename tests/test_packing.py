@@ -159,6 +159,38 @@ def test_sdpa_packed_generates_like_sdpa():
     assert torch.equal(model.generate(**inputs, max_new_tokens=6, do_sample=False), plain)
 
 
+def test_sdpa_packed_finds_the_samples_once_per_forward(monkeypatch):
+    """The sample bounds of a packed row are found once per forward and handed to every layer (on a GPU each search
+    is a host sync), and attention still runs per sample."""
+    import videollm.model.attention as attention
+    import videollm.model.modeling as modeling
+
+    torch.manual_seed(0)
+    model, processor = build_tiny_model_and_processor("pool", sampling=SamplingSpec(num_frames=4), attn_implementation=PACKED_SDPA)
+    samples = features(processor)[:3]
+    searches = []
+    real = attention.sample_bounds
+
+    def counting(position_ids):
+        searches.append(position_ids)
+        return real(position_ids)
+
+    monkeypatch.setattr(modeling, "sample_bounds", counting)
+    monkeypatch.setattr(attention, "sample_bounds", counting)
+    model.eval()
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in PackingCollator()(samples).items() if k != "labels"}, use_cache=False).logits
+        assert len(searches) == 1
+        searches.clear()
+        padded = model(**{k: v for k, v in VideoCollator(processor)(samples).items() if k != "labels"}, use_cache=False)
+    assert len(searches) == 1  # a padded batch is searched once too, and found not packed
+    start = 0
+    for row, sample in enumerate(samples):
+        length = len(sample["input_ids"])
+        assert torch.allclose(packed[0, start : start + length], padded.logits[row, :length], atol=1e-5)
+        start += length
+
+
 @pytest.mark.parametrize(("packing", "expected"), [(True, PACKED_SDPA), (False, "sdpa")])
 def test_sft_setup_packs_with_sdpa_packed(packing, expected):
     model_args = ModelArguments(tiny=True, tune_llm="full", tune_projector="full")

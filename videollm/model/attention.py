@@ -17,24 +17,36 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PACKED_SDPA = "sdpa_packed"
+# The keyword the model's forward passes down to every attention call: the packed row's sample bounds, found once per
+# forward (one host copy) instead of once per layer.
+PACKED_BOUNDS = "packed_sample_bounds"
 
 
-def packed_segments(position_ids: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> list[tuple[int, int]] | None:
-    """The `(start, end)` token ranges of the samples in a packed row, or None when this is not one.
-
-    A packed row is a batch of one row, without a KV cache (as many keys as queries), whose positions restart: every
-    position that is not the previous one plus one starts a sample.
-    """
-    if position_ids is None or position_ids.dim() != 2 or query.shape[0] != 1 or position_ids.shape[0] != 1:
-        return None
-    length = query.shape[2]
-    if key.shape[2] != length or position_ids.shape[1] != length:
+def sample_bounds(position_ids: torch.Tensor | None) -> list[int] | None:
+    """Where the samples of a packed row start, then its length (`[0, start_2, ..., length]`), or None when
+    `position_ids` is not one packed row: every position that is not the previous one plus one starts a sample."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
         return None
     positions = position_ids[0]
     starts = (torch.nonzero(positions[1:] != positions[:-1] + 1).flatten() + 1).tolist()
-    if not starts:
+    return [0, *starts, positions.shape[0]] if starts else None
+
+
+def packed_segments(
+    position_ids: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, bounds: list[int] | None = None
+) -> list[tuple[int, int]] | None:
+    """The `(start, end)` token ranges of the samples in a packed row, or None when this is not one.
+
+    A packed row is a batch of one row, without a KV cache (as many keys as queries), whose positions restart.
+    `bounds` are the row's `sample_bounds` when the caller found them already (empty: not a packed row).
+    """
+    length = query.shape[2]
+    if query.shape[0] != 1 or key.shape[2] != length:
         return None
-    bounds = [0, *starts, length]
+    if bounds is None:
+        bounds = sample_bounds(position_ids)
+    if not bounds or bounds[-1] != length:
+        return None
     return list(zip(bounds[:-1], bounds[1:]))
 
 
@@ -52,7 +64,7 @@ def packed_sdpa_attention(
     """transformers' attention-function signature: `(batch, heads, tokens, head_dim)` in, `(batch, tokens, heads,
     head_dim)` out. On a packed row the block-diagonal `attention_mask` is not used: each sample attends causally to
     itself, which is what that mask says."""
-    segments = packed_segments(kwargs.get("position_ids"), query, key)
+    segments = packed_segments(kwargs.get("position_ids"), query, key, kwargs.pop(PACKED_BOUNDS, None))
     if segments is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs

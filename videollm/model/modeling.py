@@ -15,7 +15,7 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from videollm.model import attention  # noqa: F401  registers the sdpa_packed attention with transformers
+from videollm.model.attention import PACKED_BOUNDS, PACKED_SDPA, sample_bounds  # importing registers sdpa_packed
 from videollm.model.configuration import VideoLLMConfig
 from videollm.model.loss import causal_lm_loss
 from videollm.model.projectors import build_projector
@@ -162,6 +162,10 @@ class VideoLLMModel(VideoLLMPreTrainedModel):
         elif self._needs_dummy_video(cache):
             inputs_embeds = inputs_embeds + 0.0 * self._dummy_video_features(inputs_embeds).to(inputs_embeds.dtype)
 
+        if cache is None and self.config.text_config._attn_implementation == PACKED_SDPA:
+            # Every layer attends within the same samples: find them once here, not once per layer (a host sync each
+            # on a GPU).
+            kwargs[PACKED_BOUNDS] = sample_bounds(position_ids) or []
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
