@@ -14,6 +14,7 @@ import os
 import pickle
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -566,6 +567,23 @@ def record_pid_and_decode(path: str, indices: Sequence[int]) -> np.ndarray:
     """A backend that notes which process decodes (in this module's list, so only visible in-process)."""
     _DECODING_PIDS.append(os.getpid())
     return decode_all_sequentially(path)[list(indices)]
+
+
+def report_heavy_imports(path: str, indices: Sequence[int]) -> np.ndarray:
+    """A backend that fails with the names of the modules a decode process should not need that it has loaded."""
+    heavy = ["transformers", "peft", "videollm.model.modeling", "videollm.data.processor"]
+    raise VideoDecodeError(path, "loaded: " + " ".join(name for name in heavy if name in sys.modules))
+
+
+def test_decode_process_does_not_import_transformers(clips: dict[str, Path]) -> None:
+    """The decode process enters the package without its __init__ (which imports transformers and the model), so it
+    starts in the time torch and the decoders take to import, not seconds more."""
+    reader = FrameReader(SamplingSpec(num_frames=2), backend=f"{__name__}:report_heavy_imports", timeout=60.0)
+    with pytest.raises(VideoDecodeError, match=r"loaded: $"):
+        reader(clips["h264.mp4"])
+    assert "transformers" in sys.modules  # this process has them: the check above is not vacuous
+    decoded = FrameReader(SamplingSpec(num_frames=2), backend="pyav", timeout=60.0)(clips["h264.mp4"])
+    assert torch.equal(decoded.frames, read_video(clips["h264.mp4"], SamplingSpec(num_frames=2), backend="pyav").frames)
 
 
 def test_frame_reader_without_timeout_decodes_in_process(

@@ -578,9 +578,13 @@ def _raise_remote_error(reply: dict) -> None:
     raise RuntimeError(f"the decode process failed: {reply.get('type')}: {reply.get('message')}")
 
 
-def _worker_main(fd: int) -> None:
+def _worker_main(fd: int, reader_reference: str) -> None:
     """Loop of the decode process: receive a JSON request, decode, send frames as raw bytes or the error back."""
     conn = Connection(fd)
+    try:
+        _import_reader(reader_reference)
+    except Exception:
+        pass  # each request that names this reader fails with the import error, reported to the caller
     _send_json(conn, {"status": "ready"})
     while True:
         try:
@@ -614,10 +618,14 @@ def _worker_main(fd: int) -> None:
 
 
 # The child imports this module by name (not via -m, which would make it __main__) after taking the parent's
-# sys.path, so readers in test or user modules import in it as they do in the parent.
+# sys.path, so readers in test or user modules import in it as they do in the parent. It enters the `videollm`
+# package without running the package's __init__, which imports transformers and the model to register them with the
+# Auto classes: a decode process needs neither, and skipping them makes every process start (one per DataLoader
+# worker, and again after each timeout) seconds faster (bench/RESULTS.md).
 _BOOTSTRAP = (
-    "import sys; sys.path[:0] = sys.argv[2:]; "
-    "from videollm.data.video import _worker_main; _worker_main(int(sys.argv[1]))"
+    "import sys, importlib.util; sys.path[:0] = sys.argv[3:]; "
+    "sys.modules['videollm'] = importlib.util.module_from_spec(importlib.util.find_spec('videollm')); "
+    "from videollm.data.video import _worker_main; _worker_main(int(sys.argv[1]), sys.argv[2])"
 )
 
 
@@ -675,15 +683,16 @@ class FrameReader:
             return _decode(source, self.spec, name, reader, self.image_fps)
         source = str(source) if isinstance(source, (str, Path)) else [str(s) for s in source]
         label = _label(source)
+        reference = name if ":" in name else _reader_reference(name, reader)
         request = {
             "source": source,
             "spec": self.spec.to_dict(),
             "backend": name,
-            "reader": name if ":" in name else _reader_reference(name, reader),
+            "reader": reference,
             "image_fps": float(self.image_fps),
         }
         with self._lock:
-            conn = self._ensure_worker()
+            conn = self._ensure_worker(reference)
             try:
                 _send_json(conn, request)
                 reply = self._receive(conn, label)
@@ -719,7 +728,9 @@ class FrameReader:
             raise RuntimeError(f"the decode process sent the wrong number of frame bytes (expected {into.numel()})")
         return None
 
-    def _ensure_worker(self) -> Connection:
+    def _ensure_worker(self, reader_reference: str) -> Connection:
+        """The live decode process, started when there is none; it imports the reader's module before it reports
+        ready, so the time limit of a request covers decoding, not imports."""
         if self._process is not None and self._owner_pid != os.getpid():
             # A fork (e.g. a DataLoader worker) inherited the parent's process handle and socket: drop our copy of
             # the socket and start our own process, leaving the parent's alone.
@@ -733,7 +744,7 @@ class FrameReader:
         parent_sock, child_sock = socket.socketpair()
         try:
             process = subprocess.Popen(
-                [sys.executable, "-c", _BOOTSTRAP, str(child_sock.fileno()), *sys.path],
+                [sys.executable, "-c", _BOOTSTRAP, str(child_sock.fileno()), reader_reference, *sys.path],
                 pass_fds=(child_sock.fileno(),),
                 stdin=subprocess.DEVNULL,
             )
