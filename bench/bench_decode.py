@@ -167,8 +167,8 @@ def main() -> None:
     print("|" + "---|" * len(header))
     for clip, name, _, cpu in rows:
         print("| " + " | ".join([clip, name, *(f"{cpu[k]:.1f}" for k in ["probe", *backends])]) + " |")
-    print("\nFrameReader process start (first call; imports torch and the videollm package): "
-          + ", ".join(f"{b} {start_s[b]:.1f} s" for b in backends))
+    print("\nFrameReader process start (first call; imports torch, the decoder and the decoding module, not the "
+          "package): " + ", ".join(f"{b} {start_s[b]:.1f} s" for b in backends))
     if args.json:
         cells = [{"clip": clip, "sampling": name, "wall_ms": wall, "cpu_ms": cpu} for clip, name, wall, cpu in rows]
         result = {"runs": args.runs, "cpu": cpu_model(), "cores": os.cpu_count(), "cells": cells, "reader_start_s": start_s}
