@@ -1,10 +1,10 @@
 """Defaults that depend on the device a run trains on: precision, attention kernel, activation checkpointing.
 
-A config that leaves `bf16`, `attn_implementation` or `model_dtype` unset gets what the device does best, so one YAML
-runs well on a laptop CPU and on an H100:
+A config that leaves `bf16`, `attn_implementation` or `model_dtype` unset gets settings that suit the device, so the
+same YAML serves a CPU and a GPU:
 
-- mixed precision: bf16 autocast where the GPU supports bf16, fp32 elsewhere (TRL turns bf16 on everywhere, which on
-  a CPU without bf16 units is slower than fp32);
+- mixed precision: bf16 autocast where the GPU supports bf16, fp32 elsewhere (TRL turns bf16 on everywhere, CPUs
+  included);
 - weights: frozen parts (vision tower, the LLM under LoRA) stored in bf16 when training in bf16 on a GPU, which halves
   their memory, while every parameter that trains stays fp32 for the optimizer;
 - attention: flash-attention 2 on a GPU when the flash-attn package is installed, else sdpa, and with packing
