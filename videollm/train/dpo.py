@@ -39,6 +39,7 @@ from torch import nn
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import use_adapter
 
+from videollm.data.dataset import SAMPLE_IDS
 from videollm.data.formats import DataValidationError, PreferenceRecord
 from videollm.data.processor import IGNORE_INDEX, VideoLLMProcessor
 from videollm.data.robust import BadSampleCollator, BadSamplePolicy
@@ -46,13 +47,12 @@ from videollm.data.video import DecodedVideo
 from videollm.model.checkpoint import save_checkpoint
 from videollm.model.modeling import VideoLLMForConditionalGeneration
 from videollm.model.trainable import TrainablePolicy, apply_trainable_policy, unwrap
-from videollm.train.optim import PartLearningRateArguments, PartLearningRateMixin
 from videollm.train.checkpointing import CheckpointMixin
 from videollm.train.data_wait import DataWaitMixin
-from videollm.train.hardware import DeviceDefaultsArguments
-from videollm.data.dataset import SAMPLE_IDS
 from videollm.train.guards import DEFAULT_MAX_NONFINITE_STEPS, MAX_NONFINITE_STEPS_HELP, NonFiniteGuardMixin
+from videollm.train.hardware import DeviceDefaultsArguments
 from videollm.train.losses import NO_PHRASE, gather_logprobs, phrase_rewards, rrpo_loss, sft_loss, token_kl
+from videollm.train.optim import PartLearningRateArguments, PartLearningRateMixin
 
 logger = logging.getLogger(__name__)
 

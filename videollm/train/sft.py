@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 
 from transformers import Trainer, TrainingArguments
 
+from videollm.data.dataset import SAMPLE_ID
 from videollm.train.checkpointing import CheckpointMixin
 from videollm.train.data_wait import DataWaitMixin
+from videollm.train.guards import DEFAULT_MAX_NONFINITE_STEPS, MAX_NONFINITE_STEPS_HELP, NonFiniteGuardMixin
 from videollm.train.hardware import DeviceDefaultsArguments
 from videollm.train.optim import PartLearningRateArguments, PartLearningRateMixin
-from videollm.data.dataset import SAMPLE_ID
-from videollm.train.guards import DEFAULT_MAX_NONFINITE_STEPS, MAX_NONFINITE_STEPS_HELP, NonFiniteGuardMixin
 
 
 @dataclass
