@@ -16,18 +16,10 @@ checkpoint (`model_name_or_path`, e.g. an SFT model), trains with `VideoDPOTrain
 import sys
 
 from videollm.data.formats import DataValidationError, load_preferences
-from videollm.data.robust import (
-    BadSampleError,
-    BadSampleLimitExceeded,
-    BadSamplePolicy,
-    bad_sample_summaries,
-    failure_message,
-    load_for_policy,
-)
+from videollm.data.robust import BadSamplePolicy, bad_sample_summaries, load_for_policy
 from videollm.train.config import DataArguments, ModelArguments, parse_config
 from videollm.train.dpo import VideoDPOConfig, build_preference_dataset, preference_rows, train_dpo
-from videollm.train.guards import NonFiniteTrainingError
-from videollm.train.setup import load_or_build, run_summary
+from videollm.train.setup import load_or_build, run_summary, training_failures_as_errors
 
 
 def main() -> None:
@@ -57,14 +49,10 @@ def main() -> None:
     with dpo_args.main_process_first(desc="preference datasets"):
         datasets = {path: build_preference_dataset(file_rows, processor) for path, file_rows in rows.items()}
         eval_set = build_preference_dataset(eval_rows, processor) if eval_rows else None
-    try:
+    with training_failures_as_errors(model_args, data_args, dpo_args):
         trainer = train_dpo(
             model, processor, [datasets[path] for path in train_files], eval_set, dpo_args, model_args.policy(), bad_samples
         )
-    except NonFiniteTrainingError as error:
-        sys.exit(f"error: {error}")
-    except (BadSampleError, BadSampleLimitExceeded) as error:
-        sys.exit(f"error: {failure_message(error)}")
     for line in bad_sample_summaries(trainer.data_collator.guards.values()):
         print(line, flush=True)
     print(run_summary(trainer), flush=True)

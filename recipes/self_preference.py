@@ -19,6 +19,7 @@ from videollm.selftrain.runs import RunSettingsMismatch
 from videollm.selftrain.self_preference import SelfPreferenceArguments, run_self_preference
 from videollm.train.config import DataArguments, ModelArguments, parse_config
 from videollm.train.dpo import VideoDPOConfig
+from videollm.train.setup import training_failures_as_errors
 
 
 def main() -> None:
@@ -31,7 +32,8 @@ def main() -> None:
     if dpo_args.round_train_files:
         sys.exit("error: round_train_files: self-preference rounds make their own pairs; set rounds instead")
     try:
-        rows = run_self_preference(model_args, data_args, pref_args, dpo_args)
+        with training_failures_as_errors(model_args, data_args, dpo_args):
+            rows = run_self_preference(model_args, data_args, pref_args, dpo_args)
     except DataValidationError as error:
         sys.exit(f"error: invalid data, nothing was trained:\n{error}")
     except RunSettingsMismatch as error:

@@ -12,17 +12,9 @@ from videollm.data.dataset import ConversationDataset, VideoCollator
 from videollm.data.feature_cache import CachedFeatureCollator, CachedFeatureDataset, FeatureCache, FeatureCacheError
 from videollm.data.formats import DataValidationError, load_conversations
 from videollm.data.packing import PackingCollator, dense_packing_warning
-from videollm.data.robust import (
-    BadSampleError,
-    BadSampleLimitExceeded,
-    BadSamplePolicy,
-    bad_sample_summaries,
-    failure_message,
-    load_for_policy,
-)
+from videollm.data.robust import BadSamplePolicy, bad_sample_summaries, load_for_policy
 from videollm.train.config import DataArguments, ModelArguments, parse_config
-from videollm.train.guards import NonFiniteTrainingError
-from videollm.train.setup import load_or_build, run_summary
+from videollm.train.setup import load_or_build, run_summary, training_failures_as_errors
 from videollm.train.sft import VideoSFTConfig, VideoSFTTrainer
 
 
@@ -69,12 +61,8 @@ def main() -> None:
         data_collator=collator,
         processing_class=processor,
     )
-    try:
+    with training_failures_as_errors(model_args, data_args, training_args):
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    except NonFiniteTrainingError as error:
-        sys.exit(f"error: {error}")
-    except (BadSampleError, BadSampleLimitExceeded) as error:
-        sys.exit(f"error: {failure_message(error)}")
     for line in bad_sample_summaries([train_dataset.guard, eval_dataset.guard if eval_dataset else None]):
         print(line, flush=True)
     trainer.save_model(training_args.output_dir)

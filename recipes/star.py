@@ -19,6 +19,7 @@ from videollm.data.formats import DataValidationError
 from videollm.selftrain.runs import RunSettingsMismatch
 from videollm.selftrain.star import StarArguments, run_star
 from videollm.train.config import DataArguments, ModelArguments, parse_config
+from videollm.train.setup import training_failures_as_errors
 from videollm.train.sft import VideoSFTConfig
 
 
@@ -30,7 +31,8 @@ def main() -> None:
     if data_args.train_file is None:
         sys.exit("error: train_file is required (labelled records: video, question, label)")
     try:
-        rows = run_star(model_args, data_args, star_args, training_args)
+        with training_failures_as_errors(model_args, data_args, training_args):
+            rows = run_star(model_args, data_args, star_args, training_args)
     except DataValidationError as error:
         sys.exit(f"error: invalid data, nothing was trained:\n{error}")
     except RunSettingsMismatch as error:

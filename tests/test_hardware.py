@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import runpy
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from videollm.data.dataset import VideoCollator
 from videollm.data.sampling import SamplingSpec
+from videollm.data.synthetic import SyntheticConfig, generate_dataset
 from videollm.model.attention import PACKED_SDPA
 from videollm.model.presets import build_tiny_model_and_processor
 from videollm.model.trainable import unwrap
 from videollm.train.config import DataArguments, ModelArguments, parse_config
 from videollm.train.dpo import VideoDPOConfig
-from videollm.train.hardware import Hardware, upcast_trainable_parameters
-from videollm.train.setup import load_or_build
-from videollm.train.sft import VideoSFTConfig
+from videollm.train.guards import NonFiniteTrainingError
+from videollm.train.hardware import Hardware, out_of_memory_advice, upcast_trainable_parameters
+from videollm.train.setup import load_or_build, training_failures_as_errors
+from videollm.train.sft import VideoSFTConfig, VideoSFTTrainer
 
 from test_packing import make_video
 
@@ -22,6 +28,7 @@ CPU = Hardware(cuda=False, bf16=False, flash_attn=False)
 GPU = Hardware(cuda=True, bf16=True, flash_attn=False)
 GPU_FLASH = Hardware(cuda=True, bf16=True, flash_attn=True)
 OLD_GPU = Hardware(cuda=True, bf16=False, flash_attn=False)  # a V100: no bf16
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -147,3 +154,64 @@ def test_upcast_casts_only_what_trains():
     layers[0].requires_grad_(False)
     assert upcast_trainable_parameters(layers) == 2
     assert [p.dtype for p in layers.parameters()] == [torch.bfloat16] * 2 + [torch.float32] * 2
+
+
+def test_out_of_memory_advice_follows_the_config():
+    advice = out_of_memory_advice(
+        gradient_checkpointing=False, batch_size=4, accumulation_steps=2, tower_frozen=True, feature_cache=False
+    )
+    assert advice[0] == (
+        "per_device_train_batch_size: 2 with gradient_accumulation_steps: 4 (the same batch per optimizer step)"
+    )
+    assert any(line.startswith("feature_cache_dir") for line in advice)
+    assert any(line.startswith("gradient_checkpointing: true") for line in advice)
+    assert advice[-1].startswith("fewer visual tokens per video")
+    # Nothing it already does: batch 1, cache on, checkpointing on leaves the visual tokens.
+    assert out_of_memory_advice(
+        gradient_checkpointing=True, batch_size=1, accumulation_steps=8, tower_frozen=True, feature_cache=True
+    ) == [advice[-1]]
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+         "error: a training step ran out of accelerator memory (CUDA out of memory. Tried to allocate 2.00 GiB); try"),
+        (NonFiniteTrainingError("5 optimizer steps in a row were not finite"),
+         "error: 5 optimizer steps in a row were not finite"),
+    ],
+)  # fmt: skip
+def test_training_failures_become_one_error(tmp_path, error, expected):
+    args = VideoSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(SystemExit) as exit_info:
+        with training_failures_as_errors(ModelArguments(tiny=True), DataArguments(), args):
+            raise error
+    assert str(exit_info.value.code).startswith(expected)
+
+
+def test_other_errors_keep_their_traceback(tmp_path):
+    args = VideoSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(KeyError):
+        with training_failures_as_errors(ModelArguments(tiny=True), DataArguments(), args):
+            raise KeyError("a bug")
+
+
+def test_sft_recipe_turns_out_of_memory_into_advice(tmp_path, monkeypatch):
+    """The SFT recipe as users run it, with the first training step running out of GPU memory: one error line with
+    what to change for this config, instead of the allocator's traceback."""
+    data = tmp_path / "data"
+    generate_dataset(SyntheticConfig(output_dir=str(data), num_train=4, num_eval=1, num_test=1))
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(VideoSFTTrainer, "train", out_of_memory)
+    argv = ["recipes/sft.py", "--config", "recipes/configs/sft_tiny.yaml", "--train_file", str(data / "train.jsonl"),
+            "--video_root", str(data), "--output_dir", str(tmp_path / "out"), "--report_to", "none"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "recipes" / "sft.py"), run_name="__main__")
+    message = str(exit_info.value.code)
+    assert message.startswith("error: a training step ran out of accelerator memory (CUDA out of memory.")
+    assert "per_device_train_batch_size: 8 with gradient_accumulation_steps: 2" in message  # sft_tiny: batch 16
+    assert "gradient_checkpointing: true" in message

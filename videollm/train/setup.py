@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
+from collections.abc import Iterator
 
+import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments, set_seed
 
 from videollm.data.processor import VideoLLMProcessor
+from videollm.data.robust import BadSampleError, BadSampleLimitExceeded, failure_message
 from videollm.data.sampling import SamplingSpec
 from videollm.model.attention import PACKED_SDPA
 from videollm.model.builder import build_model_and_processor
@@ -15,7 +20,8 @@ from videollm.model.checkpoint import is_adapter_checkpoint, load_model
 from videollm.model.presets import build_tiny_model_and_processor
 from videollm.model.trainable import apply_trainable_policy
 from videollm.train.config import DataArguments, ModelArguments
-from videollm.train.hardware import Hardware, upcast_trainable_parameters
+from videollm.train.guards import NonFiniteTrainingError
+from videollm.train.hardware import Hardware, out_of_memory_advice, upcast_trainable_parameters
 
 logger = logging.getLogger(__name__)
 DEFAULT_SAMPLING = SamplingSpec(num_frames=8)
@@ -95,3 +101,29 @@ def run_summary(trainer: Trainer) -> str:
         f"rank {args.process_index} of {args.world_size} finished after {trainer.state.global_step} steps "
         f"({backend}, device {args.device})"
     )
+
+
+@contextlib.contextmanager
+def training_failures_as_errors(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> Iterator[None]:
+    """Stop the recipe with one `error: ...` line (exit code 1) instead of a traceback when training meets a failure
+    of the run rather than of the code: steps that stay non-finite, too many unreadable videos, or a step that does
+    not fit in accelerator memory (with what to change in the config)."""
+    try:
+        yield
+    except NonFiniteTrainingError as error:
+        sys.exit(f"error: {error}")
+    except (BadSampleError, BadSampleLimitExceeded) as error:
+        sys.exit(f"error: {failure_message(error)}")
+    except torch.OutOfMemoryError as error:
+        advice = out_of_memory_advice(
+            gradient_checkpointing=bool(training_args.gradient_checkpointing),
+            batch_size=training_args.per_device_train_batch_size,
+            accumulation_steps=training_args.gradient_accumulation_steps,
+            tower_frozen=model_args.tune_vision == "frozen",
+            feature_cache=data_args.feature_cache_dir is not None,
+        )
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
+        sys.exit("error: a training step ran out of accelerator memory (" + first_line + "); try, in this order:\n"
+                 + "\n".join(f"  - {line}" for line in advice))  # fmt: skip
