@@ -61,7 +61,7 @@ def main() -> None:
         data_collator=collator,
         processing_class=processor,
     )
-    with training_failures_as_errors(model_args, data_args, training_args):
+    with training_failures_as_errors(model_args, data_args, training_args, reads_feature_cache=True):
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     for line in bad_sample_summaries([train_dataset.guard, eval_dataset.guard if eval_dataset else None]):
         print(line, flush=True)

@@ -105,11 +105,12 @@ def run_summary(trainer: Trainer) -> str:
 
 @contextlib.contextmanager
 def training_failures_as_errors(
-    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, reads_feature_cache: bool = False
 ) -> Iterator[None]:
     """Stop the recipe with one `error: ...` line (exit code 1) instead of a traceback when training meets a failure
     of the run rather than of the code: steps that stay non-finite, too many unreadable videos, or a step that does
-    not fit in accelerator memory (with what to change in the config)."""
+    not fit in accelerator memory (with what to change in the config; `reads_feature_cache`: the recipe can train from
+    `feature_cache_dir`)."""
     try:
         yield
     except NonFiniteTrainingError as error:
@@ -122,7 +123,7 @@ def training_failures_as_errors(
             batch_size=training_args.per_device_train_batch_size,
             accumulation_steps=training_args.gradient_accumulation_steps,
             tower_frozen=model_args.tune_vision == "frozen",
-            feature_cache=data_args.feature_cache_dir is not None,
+            feature_cache=data_args.feature_cache_dir is not None if reads_feature_cache else None,
         )
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
         sys.exit("error: a training step ran out of accelerator memory (" + first_line + "); try, in this order:\n"
