@@ -3,15 +3,19 @@
     python data_tools/cache_features.py --config recipes/configs/my_sft.yaml --feature_cache_dir cache/my_sft
     accelerate launch recipes/sft.py --config recipes/configs/my_sft.yaml --feature_cache_dir cache/my_sft
 
-Takes the training config itself (model, data and trainer keys; the trainer keys give the device, dtype handling and
-`dataloader_num_workers` for decoding), builds or loads the model exactly as the recipe does, decodes every video of
-`train_file` and `eval_file` with the processor's sampling spec, and stores the tower outputs (frozen tower, trained
-projector) or the projector outputs (both frozen). Runs again resume: videos already cached are skipped. A video that
+    python data_tools/cache_features.py --recipe dpo --config recipes/configs/my_dpo.yaml --feature_cache_dir cache/dpo
+    accelerate launch recipes/dpo.py --config recipes/configs/my_dpo.yaml --feature_cache_dir cache/dpo
+
+Takes the training config itself (model, data and trainer keys of `--recipe`, sft or dpo; the trainer keys give the
+device, dtype handling and `dataloader_num_workers` for decoding), builds or loads the model exactly as the recipe
+does, decodes every video of `train_file`, `eval_file` (and, for dpo, `round_train_files`) with the processor's
+sampling spec, and stores the tower outputs (frozen tower, trained projector) or the projector outputs (both frozen). Runs again resume: videos already cached are skipped. A video that
 cannot be decoded is recorded as unreadable, and training applies its `bad_sample_policy` to it.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections.abc import Sequence
@@ -28,10 +32,11 @@ from videollm.data.feature_cache import (
     cacheable_level,
     encode_videos,
 )
-from videollm.data.formats import DataValidationError, load_conversations
+from videollm.data.formats import DataValidationError, load_conversations, load_preferences
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.video import VideoDecodeError
 from videollm.train.config import DataArguments, ModelArguments, parse_config
+from videollm.train.dpo import VideoDPOConfig
 from videollm.train.setup import load_or_build
 from videollm.train.sft import VideoSFTConfig
 
@@ -40,6 +45,7 @@ from videollm.train.sft import VideoSFTConfig
 class CacheArguments:
     """How the cache is written (the model and data keys are the training run's)."""
 
+    recipe: str = field(default="sft", metadata={"help": "the recipe whose config this is: sft | dpo"})
     cache_level: str = field(
         default="auto", metadata={"help": "auto (projector when it is frozen, else tower) | tower | projector"}
     )
@@ -69,26 +75,43 @@ class _Videos(Dataset):
         return path, video, self.processor.pixel_values(video), None
 
 
+# The trainer keys each recipe's config may hold, and how it reads its records.
+RECIPES = {"sft": (VideoSFTConfig, load_conversations), "dpo": (VideoDPOConfig, load_preferences)}
+
+
+def _recipe(argv: Sequence[str]) -> str:
+    """`--recipe`, read before the config is parsed: it decides which trainer keys the config may hold."""
+    recipe = argparse.ArgumentParser(add_help=False)
+    recipe.add_argument("--recipe", default="sft")
+    return recipe.parse_known_args(argv)[0].recipe
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the training config, encode every uncached video, and print what was written."""
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    recipe = _recipe(argv)
+    if recipe not in RECIPES:
+        sys.exit(f"error: recipe: {recipe!r} is not one of {' | '.join(RECIPES)}")
+    training_config, load_records = RECIPES[recipe]
     model_args, data_args, cache_args, training_args = parse_config(
-        [ModelArguments, DataArguments, CacheArguments, VideoSFTConfig], argv
+        [ModelArguments, DataArguments, CacheArguments, training_config], argv
     )
     if not data_args.feature_cache_dir:
         sys.exit("error: feature_cache_dir is required (where to write the cache)")
     if cache_args.cache_level not in ("auto", *LEVELS):
         sys.exit(f"error: cache_level: {cache_args.cache_level!r} is not one of auto | {' | '.join(LEVELS)}")
+    sources = [data_args.train_file, data_args.eval_file, *(getattr(training_args, "round_train_files", None) or [])]
     try:
         records = [
             record
-            for source in (data_args.train_file, data_args.eval_file)
+            for source in dict.fromkeys(sources)
             if source
-            for record in load_conversations(source, video_root=data_args.video_root, check_videos=False)
+            for record in load_records(source, video_root=data_args.video_root, check_videos=False)
         ]
     except DataValidationError as error:
         sys.exit(f"error: invalid data:\n{error}")
     if not records:
-        sys.exit("error: no records: give train_file (and eval_file)")
+        sys.exit("error: no records: give train_file (and eval_file, or round_train_files for dpo)")
 
     model, processor = load_or_build(model_args, data_args, seed=training_args.seed, training_args=training_args)
     try:

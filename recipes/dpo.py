@@ -11,6 +11,7 @@ checkpoint (`model_name_or_path`, e.g. an SFT model), trains with `VideoDPOTrain
     --rounds 3                                         mrDPO: merge the LoRA after each round, it becomes the reference
     --round_train_files s1.jsonl s2.jsonl ...          one file per round: a curriculum (make_preferences.py writes it)
     --precompute_ref_log_probs true                    compute reference log-probs once, cached next to the dataset
+    --feature_cache_dir cache/dpo                      read frozen vision features written by data_tools/cache_features.py
 """
 
 import sys
@@ -49,9 +50,17 @@ def main() -> None:
     with dpo_args.main_process_first(desc="preference datasets"):
         datasets = {path: build_preference_dataset(file_rows, processor) for path, file_rows in rows.items()}
         eval_set = build_preference_dataset(eval_rows, processor) if eval_rows else None
-    with training_failures_as_errors(model_args, data_args, dpo_args):
+    with training_failures_as_errors(model_args, data_args, dpo_args, reads_feature_cache=True):
         trainer = train_dpo(
-            model, processor, [datasets[path] for path in train_files], eval_set, dpo_args, model_args.policy(), bad_samples
+            model,
+            processor,
+            [datasets[path] for path in train_files],
+            eval_set,
+            dpo_args,
+            model_args.policy(),
+            bad_samples,
+            feature_cache_dir=data_args.feature_cache_dir,
+            video_root=data_args.video_root,
         )
     for line in bad_sample_summaries(trainer.data_collator.guards.values()):
         print(line, flush=True)

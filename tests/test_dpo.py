@@ -6,17 +6,25 @@ import copy
 import json
 import os
 import re
+import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 
+from data_tools.cache_features import main as cache_features
+from videollm.data.feature_cache import FeatureCache, FeatureCacheError, FeatureCacheWriter, cache_identity
 from videollm.data.formats import DataValidationError, load_preferences
 from videollm.data.processor import VideoLLMProcessor
+from videollm.data.robust import BadSamplePolicy
 from videollm.data.sampling import SamplingSpec
 from videollm.data.synthetic import SyntheticConfig, generate_dataset
+from videollm.data.video import write_video
 from videollm.model.checkpoint import load_model, save_checkpoint
 from videollm.model.modeling import VideoLLMForConditionalGeneration
 from videollm.model.presets import build_tiny_model_and_processor
@@ -336,6 +344,165 @@ def test_bad_loss_settings_fail_before_training(tmp_path, capsys, argv, message)
     with pytest.raises(SystemExit):
         parse_config([VideoDPOConfig], [*argv, "--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false"])
     assert re.search(message, capsys.readouterr().err)
+
+
+# ---- feature cache ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def feature_caches(synthetic, checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """Caches of every video of the preference file, written by the command-line tool from DPO keys: tower level
+    (the projector trains) and projector level (both frozen)."""
+    caches = {}
+    for level, projector in (("tower", "full"), ("projector", "frozen")):
+        cache_dir = tmp_path_factory.mktemp(f"{level}_cache")
+        assert cache_features([
+            "--recipe", "dpo", "--model_name_or_path", str(checkpoint), "--tune_vision", "frozen",
+            "--tune_projector", projector, "--tune_llm", "lora", "--loss_type", "sigmoid", "sft",
+            "--loss_weights", "1.0", "0.1", "--train_file", str(synthetic / "preference_train.jsonl"),
+            "--video_root", str(synthetic), "--feature_cache_dir", str(cache_dir), "--output_dir", str(cache_dir / "unused"),
+            "--use_cpu", "true", "--report_to", "none", "--dataloader_num_workers", "0",
+        ]) == 0  # fmt: skip
+        caches[level] = cache_dir
+    return caches
+
+
+def vision_calls(model) -> dict[str, list[int]]:
+    """Counts the forwards of the vision tower and the projector (the trained copy and the reference's original)."""
+    calls = {"vision_tower": [], "projector": []}
+    for part, counted in calls.items():
+        getattr(unwrap(model).model, part).register_forward_hook(lambda *args, counted=counted: counted.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("level, projector", [("tower", "full"), ("projector", "frozen")])
+def test_cached_features_give_the_dpo_loss_of_decoded_videos(base, processor, dataset, feature_caches, synthetic, tmp_path, level, projector):
+    live = trainer_for(lora(base, projector), processor, dataset, dpo_config(tmp_path))
+    model = lora(base, projector)
+    cache = FeatureCache.open(feature_caches[level], model, processor, video_root=synthetic)
+    assert cache.level == level
+    unwrap(model).use_cached_vision(cache.level)
+    cached = VideoDPOTrainer(
+        model=model, args=dpo_config(tmp_path), train_dataset=dataset, processing_class=processor,
+        data_collator=PreferenceCollator(processor, load_video=cache.get),
+    )  # fmt: skip
+    move_off_reference(live)
+    move_off_reference(cached)  # the same offsets: the policies are equal and differ from their references
+    examples = [dataset[0], dataset[3]]
+    cached_batch = cached.data_collator(examples)
+    assert "pixel_values_videos" not in cached_batch and {"tower": "video_frame_features", "projector": "video_embeds"}[level] in cached_batch
+    live_batch = live.data_collator(examples)
+    assert torch.equal(cached_batch["input_ids"], live_batch["input_ids"])
+
+    calls = vision_calls(cached.model)
+    cached_loss = cached.compute_loss(cached.model, cached_batch)
+    live_loss = live.compute_loss(live.model, live_batch)
+    assert calls["vision_tower"] == []  # the cache replaced the tower
+    assert len(calls["projector"]) == (2 if level == "tower" else 0)  # policy and reference projections, or none
+    assert torch.allclose(cached_loss, live_loss, atol=1e-5)
+    cached_loss.backward()
+    live_loss.backward()
+    cached_grads = {n: p.grad for n, p in cached.model.named_parameters() if p.requires_grad}
+    live_grads = {n: p.grad for n, p in live.model.named_parameters() if p.requires_grad}
+    assert cached_grads.keys() == live_grads.keys()
+    assert all(torch.allclose(cached_grads[n], live_grads[n], atol=1e-4) for n in live_grads)
+
+
+@pytest.mark.parametrize("level, projector", [("tower", "full"), ("projector", "frozen")])
+def test_text_only_pairs_in_a_cached_run_skip_what_video_pairs_skip(base, processor, feature_caches, synthetic, tmp_path, level, projector):
+    model = lora(base, projector)
+    cache = FeatureCache.open(feature_caches[level], model, processor, video_root=synthetic)
+    unwrap(model).use_cached_vision(cache.level)
+    trainer = VideoDPOTrainer(
+        model=model, args=dpo_config(tmp_path), train_dataset=Dataset.from_list([TEXT_ONLY_PAIR]), processing_class=processor,
+        data_collator=PreferenceCollator(processor, load_video=cache.get),
+    )  # fmt: skip
+    calls = vision_calls(trainer.model)
+    loss = trainer.compute_loss(trainer.model, trainer.data_collator([TEXT_ONLY_PAIR]))
+    loss.backward()
+    assert calls["vision_tower"] == []
+    if level == "tower":  # the trained projector still runs (on blank features) and gets a zero gradient
+        projector_params = list(unwrap(trainer.model).model.projector.modules_to_save["default"].parameters())
+        assert calls["projector"] and all(p.grad is not None and not p.grad.any() for p in projector_params)
+    else:
+        assert calls["projector"] == []
+
+
+TEXT_ONLY_PAIR = {
+    "id": "text", "prompt": [{"role": "user", "content": "Say yes."}], "chosen": "yes", "rejected": "no",
+    "videos": [], "chosen_phrases": [], "rejected_phrases": [],
+}  # fmt: skip
+
+
+def test_rounds_train_from_the_cache_without_running_the_tower(base, processor, dataset, feature_caches, synthetic, tmp_path):
+    tower_forwards = []
+
+    def count_towers(module, args, output):
+        if isinstance(module, type(base.model.vision_tower)):
+            tower_forwards.append(1)
+
+    policy = TrainablePolicy(llm="lora", projector="full", lora_r=4, lora_dropout=0.0)
+    model = apply_trainable_policy(copy.deepcopy(base), policy)
+    with torch.nn.modules.module.register_module_forward_hook(count_towers):
+        trainer = train_dpo(
+            model, processor, [dataset, dataset], None, dpo_config(tmp_path, max_steps=1), policy,
+            feature_cache_dir=feature_caches["tower"], video_root=synthetic,
+        )  # fmt: skip
+    assert tower_forwards == []  # neither round, nor round 2's fresh model, ran the tower
+    assert trainer.state.global_step == 1 and (tmp_path / "out" / "round_2" / "trainer_state.json").is_file()
+
+
+def test_a_cache_missing_videos_of_the_run_fails_before_training(base, processor, rows, feature_caches, synthetic, tmp_path):
+    other = tmp_path / "other.mp4"
+    write_video(other, np.zeros((8, 16, 16, 3), dtype=np.uint8))
+    uncached = build_preference_dataset([*rows[:2], {**rows[0], "id": "other", "videos": [str(other)]}], processor)
+    policy = TrainablePolicy(llm="lora", projector="full", lora_r=4, lora_dropout=0.0)
+    model = apply_trainable_policy(copy.deepcopy(base), policy)
+    with pytest.raises(FeatureCacheError, match="1 videos are not cached.*other.mp4"):
+        train_dpo(model, processor, [uncached], None, dpo_config(tmp_path), policy,
+                  feature_cache_dir=feature_caches["tower"], video_root=synthetic)  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_video_the_cache_builder_could_not_read_goes_to_the_bad_sample_policy(base, processor, rows, feature_caches, synthetic, tmp_path):
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(feature_caches["tower"], cache_dir)
+    policy = TrainablePolicy(llm="lora", projector="full", lora_r=4, lora_dropout=0.0)
+    model = apply_trainable_policy(copy.deepcopy(base), policy)
+    broken = rows[0]["videos"][0]
+    assert [row["videos"][0] == broken for row in rows[:4]] == [True, True, True, False]
+    writer = FeatureCacheWriter(cache_dir, cache_identity(model, processor, "tower"), video_root=synthetic)
+    writer.add_unreadable(broken, "moov atom not found")
+    writer.close()
+    quarantine = tmp_path / "quarantine.jsonl"
+    bad_samples = BadSamplePolicy(max_bad_fraction=1.0, quarantine_file=str(quarantine))
+    trainer = train_dpo(
+        model, processor, [build_preference_dataset(rows[:4], processor)], None, dpo_config(tmp_path), policy, bad_samples,
+        feature_cache_dir=cache_dir, video_root=synthetic,
+    )  # fmt: skip
+    assert trainer.state.global_step == 2 and trainer.data_collator.guards["train"].bad == 3
+    reasons = {json.loads(line)["reason"] for line in quarantine.read_text().splitlines()}
+    assert reasons == {"moov atom not found (when the feature cache was built)"}
+
+
+@pytest.mark.parametrize("level", ["tower", "projector"])
+def test_dpo_recipe_reads_the_cache_or_says_why_not(synthetic, checkpoint, feature_caches, tmp_path, monkeypatch, capsys, level):
+    """The recipe, training the projector, trains from the tower-level cache; the projector-level one holds outputs of
+    the projector it would train, so it stops the run with one line before any step."""
+    monkeypatch.setattr(sys, "argv", [
+        "dpo.py", "--config", "recipes/configs/dpo_tiny.yaml", "--model_name_or_path", str(checkpoint),
+        "--tune_projector", "full", "--train_file", str(synthetic / "preference_train.jsonl"), "--video_root", str(synthetic),
+        "--feature_cache_dir", str(feature_caches[level]), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+        "--per_device_train_batch_size", "2", "--dataloader_num_workers", "0",
+    ])  # fmt: skip
+    if level == "tower":
+        runpy.run_path(str(REPO / "recipes" / "dpo.py"), run_name="__main__")
+        assert "finished after 1 steps" in capsys.readouterr().out
+        return
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(REPO / "recipes" / "dpo.py"), run_name="__main__")
+    assert str(stop.value.code).startswith("error: feature_cache_dir") and "no tower-level cache" in str(stop.value.code)
+    assert not (tmp_path / "out" / "trainer_state.json").exists()
 
 
 # ---- rounds (mrDPO) ---------------------------------------------------------------------------------------------------

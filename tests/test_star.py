@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import runpy
 import subprocess
 import sys
 import time
@@ -443,3 +444,15 @@ def test_bad_star_settings_give_one_clear_line(synthetic, seed_model, tmp_path, 
     with pytest.raises(SystemExit):
         star_config(synthetic, seed_model, tmp_path, "--rationalize_template", "{question} Why?")
     assert "must contain {label}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", ["star", "self_preference"])
+def test_self_training_recipes_refuse_a_feature_cache_they_would_not_read(recipe, seed_model, tmp_path, monkeypatch):
+    config = REPO / "recipes" / "configs" / f"{recipe}_tiny.yaml"
+    argv = [f"{recipe}.py", "--config", str(config), "--model_name_or_path", str(seed_model),
+            "--feature_cache_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(REPO / "recipes" / f"{recipe}.py"), run_name="__main__")
+    assert str(stop.value.code).startswith("error: feature_cache_dir:") and "do not read a feature cache" in str(stop.value.code)
+    assert not (tmp_path / "out").exists()

@@ -16,7 +16,9 @@ A cache built for other weights, another config or another spec is therefore nev
 what differs; a video whose file changed (size or modification time) since it was cached fails too. Nothing is ever
 read stale. Inside, `index.json` maps each video (its path relative to `video_root`) to its shard and frame metadata.
 
-Build one with `data_tools/cache_features.py`; train with it through the `feature_cache_dir` data key.
+Build one with `data_tools/cache_features.py` (`--recipe dpo` for a DPO config); train with it through the
+`feature_cache_dir` data key of recipes/sft.py (`CachedFeatureDataset`) or recipes/dpo.py (the preference collator
+reads videos with `FeatureCache.get`).
 """
 
 from __future__ import annotations
@@ -84,14 +86,24 @@ class CacheIdentity:
 
 
 @dataclass
-class CachedVideo:
-    """One cached video: its features and the frame metadata the processor needs to expand `<video>` and write
-    timestamps (what decoding would have returned besides the pixels)."""
+class CachedVideo(DecodedVideo):
+    """One video read from the cache: no frames (`frames` holds zero of them), the frame metadata that decoding would
+    have returned (the processor expands `<video>` and writes timestamps from it), and the cached `features` of
+    `level` in place of pixels."""
 
     features: torch.Tensor
-    indices: list[int]
-    timestamps: list[float]
-    duration: float
+    level: str
+
+
+def cached_video_tensors(videos: Sequence[DecodedVideo]) -> dict[str, torch.Tensor]:
+    """The batch entry of one sample's cached videos, `{"video_frame_features" | "video_embeds": (all in order)}`;
+    empty when the sample's videos were decoded (or it has none)."""
+    cached = [video for video in videos if isinstance(video, CachedVideo)]
+    if not cached:
+        return {}
+    if len(cached) != len(videos) or len({video.level for video in cached}) != 1:
+        raise ValueError("a sample mixes decoded and cached videos, or cache levels; one run reads one cache")
+    return {FEATURE_KEYS[cached[0].level]: torch.cat([video.features for video in cached])}
 
 
 def model_fingerprint(model: nn.Module, level: str) -> str:
@@ -363,10 +375,13 @@ class FeatureCache:
         if shard is None:
             shard = self._shards[entry["shard"]] = safe_open(str(self.folder / entry["shard"]), framework="pt")
         return CachedVideo(
-            features=shard.get_tensor(entry["tensor"]),
-            indices=entry["indices"],
-            timestamps=entry["timestamps"],
+            frames=torch.empty((0, 3, 0, 0), dtype=torch.uint8),
+            indices=list(entry["indices"]),
+            timestamps=list(entry["timestamps"]),
             duration=entry["duration"],
+            path=os.fspath(path),
+            features=shard.get_tensor(entry["tensor"]),
+            level=self.level,
         )
 
     def __getstate__(self) -> dict:
@@ -422,25 +437,15 @@ class CachedFeatureDataset(ConversationDataset):
     ):
         super().__init__(records, processor, bad_samples, name=name)
         self.cache = cache
-        self.feature_key = FEATURE_KEYS[cache.level]
         cache.check(path for record in self.records for path in record.videos)
 
     def _encode(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        cached = [self.cache.get(path) for path in record.videos]
-        videos = [self._frameless(video, path) for video, path in zip(cached, record.videos)]
+        videos = [self.cache.get(path) for path in record.videos]
         features = self.processor.encode(record_messages(record), videos, sample_id=record.id).as_features()
-        features.pop("pixel_values_videos")
-        features[self.feature_key] = torch.cat([c.features for c in cached]) if cached else None
+        features.update(cached_video_tensors(videos))
         features[SAMPLE_ID] = record.id
         return features
-
-    def _frameless(self, cached: CachedVideo, path: str) -> DecodedVideo:
-        # The processor's encode wants decoded frames; blank ones of the right shape cost one normalisation pass and
-        # are dropped, and the token layout comes from the real frame metadata.
-        size = self.processor.spec.frame_size or 1
-        blank = torch.zeros((1, 3, size, size), dtype=torch.uint8).expand(len(cached.indices), -1, -1, -1)
-        return DecodedVideo(blank, list(cached.indices), list(cached.timestamps), cached.duration, path)
 
 
 class CachedFeatureCollator:

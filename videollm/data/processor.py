@@ -186,11 +186,16 @@ class VideoLLMProcessor(ProcessorMixin):
         return EncodedSample(
             input_ids=input_ids,
             labels=labels,
-            pixel_values_videos=torch.cat([self.pixel_values(v) for v in videos]) if videos else None,
+            pixel_values_videos=self._pixel_values(videos),
             video_num_frames=[len(v.indices) for v in videos],
             frame_indices=[list(v.indices) for v in videos],
             frame_timestamps=[list(v.timestamps) for v in videos],
         )
+
+    def _pixel_values(self, videos: Sequence[DecodedVideo]) -> torch.Tensor | None:
+        # Videos read from a feature cache carry no frames (their features replace the pixels): they add nothing here.
+        pixels = [self.pixel_values(video) for video in videos if video.frames.shape[0]]
+        return torch.cat(pixels) if pixels else None
 
     def _fit(self, input_ids: list[int], labels: list[int], visual: int, sample_id: str, needs_labels: bool):
         if self.max_length is None or len(input_ids) <= self.max_length:

@@ -76,6 +76,7 @@ class DecodedVideo:
 
     Attributes:
         frames: uint8 tensor ``(T, 3, H, W)``, RGB; ``H = W = spec.frame_size`` when that is set.
+            Empty for a video read from a feature cache (`videollm.data.feature_cache.CachedVideo`).
         indices: index of each frame in the video (presentation order); may repeat for uniform sampling.
         timestamps: presentation time of each frame in seconds from the first frame of the video.
         duration: length of the whole video in seconds.

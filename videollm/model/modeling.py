@@ -93,22 +93,31 @@ class VideoLLMModel(VideoLLMPreTrainedModel):
         projector_dtype = next(self.projector.parameters()).dtype
         return self.projector(frame_features.to(projector_dtype), num_frames)
 
+    def blank_frame(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One blank frame in the form this run's video batches take (`like` gives the device): its pixels
+        (`pixel_values_videos`), its tower features (`video_frame_features`) in a run fed by a tower-level feature
+        cache, or nothing in a run fed by a projector-level cache, where no vision module ever runs."""
+        if self.cached_vision_level == "projector":
+            return {}
+        if self.cached_vision_level == "tower":
+            grid = self.config.visual_token_layout().patch_grid
+            return {"video_frame_features": like.new_zeros(1, grid * grid, self.config.vision_config.hidden_size)}
+        size = self.config.frame_size
+        return {"pixel_values_videos": like.new_zeros(1, 3, size, size)}
+
     def _dummy_video_features(self, like: torch.Tensor) -> torch.Tensor:
         """Run the vision path on one blank frame so every rank touches the same parameters (ZeRO-3/FSDP
         gather them collectively; a rank that skipped the tower would hang the others).
 
-        Only the part that video batches of this run use: in a run fed by a feature cache the other ranks never run
-        the tower (tower level) or the whole vision path (projector level), so a text-only batch must not either.
+        Only the part that video batches of this run use (`blank_frame`): in a run fed by a feature cache the other
+        ranks never run the tower (tower level) or the whole vision path (projector level), so a text-only batch must
+        not either.
         """
-        if self.cached_vision_level == "projector":
+        blank = self.blank_frame(like)
+        if not blank:
             return like.new_zeros(())
-        if self.cached_vision_level == "tower":
-            grid = self.config.visual_token_layout().patch_grid
-            blank = like.new_zeros(1, grid * grid, self.config.vision_config.hidden_size)
-            return torch.cat(self.get_video_features(None, [1], frame_features=blank)).sum()
-        size = self.config.frame_size
-        blank = like.new_zeros(1, 3, size, size)
-        return torch.cat(self.get_video_features(blank, [1])).sum()
+        pixels, features = blank.get("pixel_values_videos"), blank.get("video_frame_features")
+        return torch.cat(self.get_video_features(pixels, [1], frame_features=features)).sum()
 
     def _needs_dummy_video(self, cache: Cache | None) -> bool:
         """Whether a forward without video must still run the vision path, as the forwards of other ranks may.

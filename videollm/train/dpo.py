@@ -24,7 +24,7 @@ import dataclasses
 import gc
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,9 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import use_adapter
 
 from videollm.data.dataset import SAMPLE_IDS
+from videollm.data.feature_cache import FeatureCache, cached_video_tensors
 from videollm.data.formats import DataValidationError, PreferenceRecord
+from videollm.data.packing import concat_video_tensors
 from videollm.data.processor import IGNORE_INDEX, VideoLLMProcessor
 from videollm.data.robust import BadSampleCollator, BadSamplePolicy
 from videollm.data.video import DecodedVideo
@@ -189,35 +191,39 @@ def _phrase_spans(text: str, phrases: Sequence[str]) -> list[tuple[int, int]] | 
 class PreferenceCollator:
     """Preference rows -> one batch: rows `[chosen_0..chosen_B-1, rejected_0..rejected_B-1]` (TRL's layout).
 
-    `videos` holds paths (decoded with the processor's sampling spec) or already decoded `DecodedVideo`s.
-    Each video is decoded once and its frames appear once (`pixel_values_videos`, `video_num_frames`); the trainer
-    encodes them once and reuses the result for both halves. `sample_ids` lists the pairs' ids (for the non-finite
-    guard's reports; the model never sees them). With `mark_phrases`, `phrase_ids` gives each answer
-    token its RRPO phrase index (-1 outside); a pair without marked phrases counts each whole answer as one phrase.
+    `videos` holds paths (read with `load_video`: by default decoded with the processor's sampling spec; a
+    `FeatureCache`'s `get` reads cached features instead) or already read `DecodedVideo`s. Each video is read once and
+    appears once (`pixel_values_videos`, or `video_frame_features` / `video_embeds` from a feature cache, with
+    `video_num_frames`); the trainer encodes it once and reuses the result for both halves. `sample_ids` lists the
+    pairs' ids (for the non-finite guard's reports; the model never sees them). With `mark_phrases`, `phrase_ids` gives
+    each answer token its RRPO phrase index (-1 outside); a pair without marked phrases counts each whole answer as one
+    phrase.
     """
 
-    def __init__(self, processor: VideoLLMProcessor, mark_phrases: bool = False):
+    def __init__(
+        self,
+        processor: VideoLLMProcessor,
+        mark_phrases: bool = False,
+        load_video: Callable[[str], DecodedVideo] | None = None,
+    ):
         self.processor = processor
         self.mark_phrases = mark_phrases
+        self.load_video = load_video or processor.load_video
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        chosen, rejected, frames, num_frames = [], [], [], []
+        chosen, rejected, video_tensors = [], [], []
         for example in examples:
-            videos = [v if isinstance(v, DecodedVideo) else self.processor.load_video(v) for v in example["videos"]]
+            videos = [v if isinstance(v, DecodedVideo) else self.load_video(v) for v in example["videos"]]
             prompt = [dict(m) for m in example["prompt"]]
             for side, out in (("chosen", chosen), ("rejected", rejected)):
                 messages = prompt + [{"role": "assistant", "content": example[side]}]
                 encoded = self.processor.encode(messages, videos, sample_id=str(example.get("id", "")))
                 out.append(encoded)
-            if videos:
-                frames.append(chosen[-1].pixel_values_videos)
-                num_frames.extend(chosen[-1].video_num_frames)
+            video_tensors.append({**chosen[-1].as_features(), **cached_video_tensors(videos)})
         rows = chosen + rejected
         batch = self.processor.collate([{"input_ids": r.input_ids, "labels": r.labels} for r in rows])
         batch["completion_mask"] = (batch.pop("labels") != IGNORE_INDEX).long()
-        if frames:
-            batch["pixel_values_videos"] = torch.cat(frames)
-            batch["video_num_frames"] = torch.tensor(num_frames, dtype=torch.long)
+        concat_video_tensors(video_tensors, batch)
         batch[SAMPLE_IDS] = [str(example.get("id", "")) for example in examples]
         if self.mark_phrases:
             batch["phrase_ids"] = self._phrase_ids(examples, rows, batch["input_ids"].shape[1])
@@ -349,7 +355,8 @@ class VideoDPOTrainer(CheckpointMixin, NonFiniteGuardMixin, DataWaitMixin, PartL
 
         A frozen vision tower and projector are the same in the policy and the reference, so one no-grad encoding
         serves both. A trained projector differs from the reference's: the frozen tower still runs once, and its
-        features are projected twice.
+        features are projected twice. Features read from a feature cache skip what they replace: tower features skip
+        the tower, projector outputs skip both.
 
         A batch without video encodes one blank frame the same way and returns zero visual tokens that stay attached
         to the graph: every rank then runs the same vision modules in the same order, as ZeRO-3/FSDP need (they gather
@@ -358,15 +365,22 @@ class VideoDPOTrainer(CheckpointMixin, NonFiniteGuardMixin, DataWaitMixin, PartL
         forwards receive `video_embeds` on every rank.
         """
         pixel_values = inputs.pop("pixel_values_videos", None)
+        frame_features = inputs.pop("video_frame_features", None)
+        cached_embeds = inputs.pop("video_embeds", None)
         num_frames = inputs.pop("video_num_frames", None)
         policy_model = self.accelerator.unwrap_model(self.model)
-        text_only = pixel_values is None
+        text_only = pixel_values is None and frame_features is None and cached_embeds is None
         if text_only:
-            size = unwrap(policy_model).config.frame_size
-            pixel_values, num_frames = inputs["input_ids"].new_zeros((1, 3, size, size), dtype=torch.float32), [1]
+            base = unwrap(policy_model)
+            blank = base.model.blank_frame(inputs["input_ids"].new_zeros((), dtype=torch.float32))
+            pixel_values, frame_features, num_frames = blank.get("pixel_values_videos"), blank.get("video_frame_features"), [1]
+            if not blank:  # a projector-level feature cache: no vision module runs, no visual tokens
+                cached_embeds = inputs["input_ids"].new_zeros((0, base.config.text_config.hidden_size), dtype=torch.float32)
+        if cached_embeds is not None:
+            # Projector-level cache: the tower and projector are frozen, the same in the policy and the reference.
+            return (cached_embeds if for_policy else None), cached_embeds
         vision_frozen, projector_frozen = self._frozen("vision_tower"), self._frozen("projector")
-        frame_features = None
-        if vision_frozen:
+        if frame_features is None and vision_frozen:
             with torch.no_grad():
                 frame_features = policy_model.encode_frames(pixel_values)
         policy = None
@@ -470,6 +484,8 @@ def train_dpo(
     args: VideoDPOConfig,
     policy: TrainablePolicy,
     bad_samples: BadSamplePolicy | None = None,
+    feature_cache_dir: str | os.PathLike[str] | None = None,
+    video_root: str | os.PathLike[str] | None = None,
 ) -> VideoDPOTrainer:
     """Train one DPO round per training set and save the final model in `args.output_dir`; return the last trainer.
 
@@ -478,12 +494,16 @@ def train_dpo(
     (mrDPO). A round whose merged checkpoint exists is skipped, so an interrupted run restarts where it stopped;
     `resume_from_checkpoint` applies to the first round that has not finished. With `bad_samples`, a pair whose video
     cannot be decoded is handled by that policy (replaced and quarantined, or a clear error; see `videollm.data.robust`).
+
+    With `feature_cache_dir` (`data_tools/cache_features.py --recipe dpo`), videos are read as cached frozen-tower (or
+    tower + projector) features instead of being decoded and encoded; every round checks that the cache matches its
+    model and holds every video of the run, or raises `FeatureCacheError`.
     """
     if len(train_sets) > 1 and policy.llm != "lora":
         raise ValueError("rounds > 1 merge a LoRA after each round; set tune_llm: lora")
     resume = args.resume_from_checkpoint
     trainer = None
-    collators: dict[int, BadSampleCollator] = {}
+    collators: dict[int, PreferenceCollator | BadSampleCollator] = {}
     for index, train_set in enumerate(train_sets, start=1):
         last = index == len(train_sets)
         round_args = args
@@ -494,17 +514,20 @@ def train_dpo(
             logger.info("round %d already finished (%s); skipped", index, merged_dir)
             model = _fresh_lora(merged_dir, policy)
             continue
-        collator = None
-        if bad_samples is not None:
+        load_video = processor.load_video
+        if feature_cache_dir is not None:
+            # Opened again each round: the round's model must still match the cache (its frozen parts do not change).
+            cache = FeatureCache.open(feature_cache_dir, model, processor, video_root=video_root)
+            cache.check(path for dataset in (*train_sets, eval_set) if dataset for paths in dataset["videos"] for path in paths)
+            unwrap(model).use_cached_vision(cache.level)
+            load_video = cache.get
+        if id(train_set) not in collators:
             # One collator per distinct dataset, so that rounds over the same file share its bad-sample counts.
-            if id(train_set) not in collators:
-                collators[id(train_set)] = BadSampleCollator(
-                    PreferenceCollator(processor, mark_phrases="rrpo" in args.loss_type),
-                    processor.load_video,
-                    {"train": train_set, "eval": eval_set},
-                    bad_samples,
-                )
-            collator = collators[id(train_set)]
+            collator = PreferenceCollator(processor, mark_phrases="rrpo" in args.loss_type, load_video=load_video)
+            if bad_samples is not None:
+                collator = BadSampleCollator(collator, load_video, {"train": train_set, "eval": eval_set}, bad_samples)
+            collators[id(train_set)] = collator
+        collator = collators[id(train_set)]
         trainer = VideoDPOTrainer(
             model=model,
             args=round_args,

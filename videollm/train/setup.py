@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments, set_seed
 
+from videollm.data.feature_cache import FeatureCacheError
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.robust import BadSampleError, BadSampleLimitExceeded, failure_message
 from videollm.data.sampling import SamplingSpec
@@ -108,15 +109,17 @@ def training_failures_as_errors(
     model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, reads_feature_cache: bool = False
 ) -> Iterator[None]:
     """Stop the recipe with one `error: ...` line (exit code 1) instead of a traceback when training meets a failure
-    of the run rather than of the code: steps that stay non-finite, too many unreadable videos, or a step that does
-    not fit in accelerator memory (with what to change in the config; `reads_feature_cache`: the recipe can train from
-    `feature_cache_dir`)."""
+    of the run rather than of the code: steps that stay non-finite, too many unreadable videos, a feature cache that
+    does not match the run, or a step that does not fit in accelerator memory (with what to change in the config;
+    `reads_feature_cache`: the recipe can train from `feature_cache_dir`)."""
     try:
         yield
     except NonFiniteTrainingError as error:
         sys.exit(f"error: {error}")
     except (BadSampleError, BadSampleLimitExceeded) as error:
         sys.exit(f"error: {failure_message(error)}")
+    except FeatureCacheError as error:
+        sys.exit(f"error: {error}")
     except torch.OutOfMemoryError as error:
         advice = out_of_memory_advice(
             gradient_checkpointing=bool(training_args.gradient_checkpointing),
