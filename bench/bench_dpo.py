@@ -33,10 +33,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from bench_sft import PRESETS, build_ours
 from timing import add_shape_arguments, round_robin
 
-from videollm.data.feature_cache import FEATURE_KEYS, cacheable_level, encode_videos
+from videollm.data.feature_cache import cacheable_level, encode_videos
 from videollm.data.sampling import SamplingSpec
 from videollm.data.tokenizer import build_tiny_tokenizer
-from videollm.data.video import DecodedVideo
+from videollm.data.video import FEATURE_KEYS, DecodedVideo
 from videollm.model.builder import build_model_and_processor
 from videollm.model.trainable import TrainablePolicy, apply_trainable_policy
 from videollm.train.dpo import VideoDPOConfig, VideoDPOTrainer, build_preference_dataset

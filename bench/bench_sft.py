@@ -16,8 +16,8 @@ their values.
 Table 1 (training step, batches prepared): the peer's step (`LlavaOnevisionForConditionalGeneration`, padded batch,
 transformers' loss over full-vocabulary logits) against ours padded, ours packed (`PackingCollator`; with `--attn sdpa`
 ours runs `sdpa_packed`, which attends per sample on packed rows and is sdpa on padded ones), and both reading
-tower features from the cache (`CachedFeatureCollator`: no vision forward). Table 2 (CPU only, `--e2e_videos`): whole
-training iterations from video files: the peer and ours decoding in the loop (`ConversationDataset`, the same decoder
+tower features from the cache (samples as `CachedFeatureDataset` gives them: no vision forward). Table 2 (CPU only,
+`--e2e_videos`): whole training iterations from video files: the peer and ours decoding in the loop (`ConversationDataset`, the same decoder
 for both), against ours reading the feature cache (`CachedFeatureDataset`), with the share of each iteration spent
 fetching and collating the batch (what `data_wait_fraction` reports in training logs, here without DataLoader
 workers). Variants run round-robin, one step each per round; the speed-ups are medians over rounds of the two times of
@@ -57,7 +57,6 @@ from timing import round_robin
 
 from videollm.data.dataset import ConversationDataset, VideoCollator
 from videollm.data.feature_cache import (
-    CachedFeatureCollator,
     CachedFeatureDataset,
     FeatureCache,
     FeatureCacheWriter,
@@ -315,8 +314,8 @@ def step_table(preset: dict, args: argparse.Namespace) -> list[dict]:
     collators = {
         "ours, padded": lambda: VideoCollator(processor)(samples),
         "ours, packed": lambda: PackingCollator()(samples),
-        "ours, padded, feature cache": lambda: CachedFeatureCollator(VideoCollator(processor))(cached_samples()),
-        "ours, packed, feature cache": lambda: CachedFeatureCollator(PackingCollator())(cached_samples()),
+        "ours, padded, feature cache": lambda: VideoCollator(processor)(cached_samples()),
+        "ours, packed, feature cache": lambda: PackingCollator()(cached_samples()),
     }
 
     @functools.cache  # tower features of the samples, encoded once for both cached variants
@@ -447,7 +446,7 @@ def e2e_table(preset: dict, args: argparse.Namespace, count: int) -> tuple[list[
         variants = {
             names[0]: iterations(names[0], decoded, lambda features: peer_batch(features, processor), peer, peer_optimizer),
             names[1]: iterations(names[1], decoded, tokens_collator),
-            names[2]: iterations(names[2], cached, CachedFeatureCollator(tokens_collator)),
+            names[2]: iterations(names[2], cached, tokens_collator),
         }
         times = round_robin(variants, args.device, args.steps)
         cache_bytes = sum(f.stat().st_size for f in (root / "cache").rglob("*.safetensors"))

@@ -6,11 +6,13 @@
     python data_tools/cache_features.py --recipe dpo --config recipes/configs/my_dpo.yaml --feature_cache_dir cache/dpo
     accelerate launch recipes/dpo.py --config recipes/configs/my_dpo.yaml --feature_cache_dir cache/dpo
 
-Takes the training config itself (model, data and trainer keys of `--recipe`, sft or dpo; the trainer keys give the
-device, dtype handling and `dataloader_num_workers` for decoding), builds or loads the model exactly as the recipe
-does, decodes every video of `train_file`, `eval_file` (and, for dpo, `round_train_files`) with the processor's
-sampling spec, and stores the tower outputs (frozen tower, trained projector) or the projector outputs (both frozen). Runs again resume: videos already cached are skipped. A video that
-cannot be decoded is recorded as unreadable, and training applies its `bad_sample_policy` to it.
+Takes the training config itself (model, data and recipe keys of `--recipe`: sft, dpo, star or self_preference; the
+trainer keys give the device, dtype handling and `dataloader_num_workers` for decoding), builds or loads the model
+exactly as the recipe does, decodes every video the run will see (`train_file`, `eval_file`, and `round_train_files`
+for dpo; the labelled records after `types` and the limits for the self-training recipes) with the processor's
+sampling spec, and stores the tower outputs (frozen tower, trained projector) or the projector outputs (both
+frozen). Runs again resume: videos already cached are skipped. A video that cannot be decoded is recorded as
+unreadable, and training applies its `bad_sample_policy` to it.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -35,6 +38,9 @@ from videollm.data.feature_cache import (
 from videollm.data.formats import DataValidationError, load_conversations, load_preferences
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.video import VideoDecodeError
+from videollm.selftrain.runs import load_records
+from videollm.selftrain.self_preference import SelfPreferenceArguments
+from videollm.selftrain.star import StarArguments
 from videollm.train.config import DataArguments, ModelArguments, parse_config
 from videollm.train.dpo import VideoDPOConfig
 from videollm.train.setup import load_or_build
@@ -45,7 +51,9 @@ from videollm.train.sft import VideoSFTConfig
 class CacheArguments:
     """How the cache is written (the model and data keys are the training run's)."""
 
-    recipe: str = field(default="sft", metadata={"help": "the recipe whose config this is: sft | dpo"})
+    recipe: str = field(
+        default="sft", metadata={"help": "the recipe whose config this is: sft | dpo | star | self_preference"}
+    )
     cache_level: str = field(
         default="auto", metadata={"help": "auto (projector when it is frozen, else tower) | tower | projector"}
     )
@@ -75,8 +83,35 @@ class _Videos(Dataset):
         return path, video, self.processor.pixel_values(video), None
 
 
-# The trainer keys each recipe's config may hold, and how it reads its records.
-RECIPES = {"sft": (VideoSFTConfig, load_conversations), "dpo": (VideoDPOConfig, load_preferences)}
+def _files(loader, *file_keys: str):
+    """Records of a recipe that reads record files: `loader` over the data keys' files and the trainer keys' lists."""
+
+    def read(data_args: DataArguments, config: Any) -> list:
+        sources = [data_args.train_file, data_args.eval_file]
+        sources += [path for key in file_keys for path in getattr(config, key) or []]
+        return [
+            record
+            for source in dict.fromkeys(sources)
+            if source
+            for record in loader(source, video_root=data_args.video_root, check_videos=False)
+        ]
+
+    return read
+
+
+def _labelled(data_args: DataArguments, config: Any) -> list:
+    """The labelled records a self-training run answers and evaluates on (after its `types` and limits)."""
+    train, evaluation = load_records(data_args, config)
+    return train + evaluation
+
+
+# Each recipe's own config dataclasses (the trainer's last) and how it reads the records whose videos it sees.
+RECIPES: dict[str, tuple[list[type], Callable[[DataArguments, Any], list]]] = {
+    "sft": ([VideoSFTConfig], _files(load_conversations)),
+    "dpo": ([VideoDPOConfig], _files(load_preferences, "round_train_files")),
+    "star": ([StarArguments, VideoSFTConfig], _labelled),
+    "self_preference": ([SelfPreferenceArguments, VideoDPOConfig], _labelled),
+}
 
 
 def _recipe(argv: Sequence[str]) -> str:
@@ -92,23 +127,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipe = _recipe(argv)
     if recipe not in RECIPES:
         sys.exit(f"error: recipe: {recipe!r} is not one of {' | '.join(RECIPES)}")
-    training_config, load_records = RECIPES[recipe]
-    model_args, data_args, cache_args, training_args = parse_config(
-        [ModelArguments, DataArguments, CacheArguments, training_config], argv
-    )
+    configs, read_records = RECIPES[recipe]
+    model_args, data_args, cache_args, *recipe_args = parse_config([ModelArguments, DataArguments, CacheArguments, *configs], argv)
+    training_args = recipe_args[-1]
     if not data_args.feature_cache_dir:
         sys.exit("error: feature_cache_dir is required (where to write the cache)")
     if cache_args.cache_level not in ("auto", *LEVELS):
         sys.exit(f"error: cache_level: {cache_args.cache_level!r} is not one of auto | {' | '.join(LEVELS)}")
-    sources = [data_args.train_file, data_args.eval_file, *(getattr(training_args, "round_train_files", None) or [])]
     try:
-        records = [
-            record
-            for source in dict.fromkeys(sources)
-            if source
-            for record in load_records(source, video_root=data_args.video_root, check_videos=False)
-        ]
-    except DataValidationError as error:
+        records = read_records(data_args, recipe_args[0])
+    except (DataValidationError, ValueError) as error:
         sys.exit(f"error: invalid data:\n{error}")
     if not records:
         sys.exit("error: no records: give train_file (and eval_file, or round_train_files for dpo)")

@@ -50,7 +50,7 @@ def main() -> None:
     with dpo_args.main_process_first(desc="preference datasets"):
         datasets = {path: build_preference_dataset(file_rows, processor) for path, file_rows in rows.items()}
         eval_set = build_preference_dataset(eval_rows, processor) if eval_rows else None
-    with training_failures_as_errors(model_args, data_args, dpo_args, reads_feature_cache=True):
+    with training_failures_as_errors(model_args, data_args, dpo_args):
         trainer = train_dpo(
             model,
             processor,

@@ -29,11 +29,6 @@ def main() -> None:
     )
     if data_args.train_file is None:
         sys.exit("error: train_file is required (labelled records: video, question, label)")
-    if data_args.feature_cache_dir:
-        # Each round generates answers from the decoded frames with the model of that round; the cache is read by
-        # recipes/sft.py and recipes/dpo.py only, and a key that would be silently ignored is refused.
-        sys.exit("error: feature_cache_dir: the self-preference rounds decode every video to generate answers and do not read a "
-                 "feature cache; drop the key (recipes/sft.py and recipes/dpo.py read it)")
     if dpo_args.round_train_files:
         sys.exit("error: round_train_files: self-preference rounds make their own pairs; set rounds instead")
     try:

@@ -9,7 +9,7 @@ model (adapter or full, with projector and processor) in `output_dir` itself.
 import sys
 
 from videollm.data.dataset import ConversationDataset, VideoCollator
-from videollm.data.feature_cache import CachedFeatureCollator, CachedFeatureDataset, FeatureCache, FeatureCacheError
+from videollm.data.feature_cache import CachedFeatureDataset, FeatureCache, FeatureCacheError
 from videollm.data.formats import DataValidationError, load_conversations
 from videollm.data.packing import PackingCollator, dense_packing_warning
 from videollm.data.robust import BadSamplePolicy, bad_sample_summaries, load_for_policy
@@ -49,7 +49,6 @@ def main() -> None:
             eval_dataset = CachedFeatureDataset(eval_records, processor, cache, bad_samples, name="eval") if eval_records else None
         except FeatureCacheError as error:
             sys.exit(f"error: {error}")
-        collator = CachedFeatureCollator(collator)
     else:
         train_dataset = ConversationDataset(train_records, processor, bad_samples)
         eval_dataset = ConversationDataset(eval_records, processor, bad_samples, name="eval") if eval_records else None
@@ -61,7 +60,7 @@ def main() -> None:
         data_collator=collator,
         processing_class=processor,
     )
-    with training_failures_as_errors(model_args, data_args, training_args, reads_feature_cache=True):
+    with training_failures_as_errors(model_args, data_args, training_args):
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     for line in bad_sample_summaries([train_dataset.guard, eval_dataset.guard if eval_dataset else None]):
         print(line, flush=True)

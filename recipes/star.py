@@ -30,11 +30,6 @@ def main() -> None:
     )
     if data_args.train_file is None:
         sys.exit("error: train_file is required (labelled records: video, question, label)")
-    if data_args.feature_cache_dir:
-        # Each round generates answers from the decoded frames with the model of that round; the cache is read by
-        # recipes/sft.py and recipes/dpo.py only, and a key that would be silently ignored is refused.
-        sys.exit("error: feature_cache_dir: the STaR cycles decode every video to generate answers and do not read a "
-                 "feature cache; drop the key (recipes/sft.py and recipes/dpo.py read it)")
     try:
         with training_failures_as_errors(model_args, data_args, training_args):
             rows = run_star(model_args, data_args, star_args, training_args)

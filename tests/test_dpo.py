@@ -540,9 +540,14 @@ def run(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("extra", [[], ["--rounds", "2", "--precompute_ref_log_probs", "true"]], ids=["dpo", "mrdpo_cached"])
-def test_two_process_ddp_dpo_on_cpu(synthetic, checkpoint, tmp_path, extra):
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--rounds", "2", "--precompute_ref_log_probs", "true"], ["--feature_cache_dir", "projector"]],
+    ids=["dpo", "mrdpo_cached", "dpo_feature_cache"],
+)
+def test_two_process_ddp_dpo_on_cpu(synthetic, checkpoint, feature_caches, tmp_path, extra):
     out = tmp_path / "out"
+    extra = [str(feature_caches[a]) if a in feature_caches else a for a in extra]
     launcher = [str(VENV_BIN / "accelerate"), "launch", "--config_file", "launch/cpu_2proc.yaml"]
     result = run([*launcher, "recipes/dpo.py", "--config", "recipes/configs/dpo_tiny.yaml",
                   "--model_name_or_path", str(checkpoint), "--train_file", str(synthetic / "preference_train.jsonl"),
@@ -552,12 +557,13 @@ def test_two_process_ddp_dpo_on_cpu(synthetic, checkpoint, tmp_path, extra):
     assert result.returncode == 0, result.stderr[-4000:]
     finished = sorted(re.findall(r"rank (\d) of (\d) finished after (\d+) steps", result.stdout))
     assert finished == [("0", "2", "3"), ("1", "2", "3")], result.stdout[-2000:]
-    state = out / ("round_2" if extra else ".") / "trainer_state.json"
+    rounds = "--rounds" in extra
+    state = out / ("round_2" if rounds else ".") / "trainer_state.json"
     logged = [e for e in json.loads(state.read_text())["log_history"] if "loss" in e]
     assert len(logged) == 3 and all(key in e for e in logged for key in LOGGED_EVERY_STEP)
     model, _ = load_model(out)
     assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)  # the adapter trained
-    if extra:  # the reference log-probs cached for round 2 are those of round 1's merged model: a fresh LoRA scores 0
+    if rounds:  # the reference log-probs cached for round 2 are those of round 1's merged model: a fresh LoRA scores 0
         # equal up to float noise: cache and policy forward see different padding under DDP
         assert abs(logged[0]["rewards/chosen"]) < 1e-5 and abs(logged[0]["rewards/rejected"]) < 1e-5
         assert model.peft_config["default"].base_model_name_or_path == str((out / "round_1" / "merged").resolve())

@@ -15,7 +15,6 @@ import torch
 from data_tools.cache_features import main as cache_features
 from videollm.data.dataset import ConversationDataset, VideoCollator
 from videollm.data.feature_cache import (
-    CachedFeatureCollator,
     CachedFeatureDataset,
     FeatureCache,
     FeatureCacheError,
@@ -27,6 +26,7 @@ from videollm.data.formats import load_conversations
 from videollm.data.packing import PackingCollator
 from videollm.data.sampling import SamplingSpec
 from videollm.data.video import VideoDecodeError, write_video
+from videollm.infer.generate import generate_answers
 from videollm.model.checkpoint import load_model, save_checkpoint
 from videollm.model.presets import build_tiny_model_and_processor
 from videollm.model.trainable import TrainablePolicy, apply_trainable_policy
@@ -105,8 +105,7 @@ def test_cached_samples_and_loss_equal_decoded(data, checkpoint, tower_cache):
     tower_calls = []
     model.model.vision_tower.register_forward_hook(lambda *args: tower_calls.append(1))
     samples = [cached[i] for i in range(len(records))]
-    with_cache = losses(model, [CachedFeatureCollator(VideoCollator(processor))(samples),
-                                CachedFeatureCollator(PackingCollator())(samples)])  # fmt: skip
+    with_cache = losses(model, [VideoCollator(processor)(samples), PackingCollator()(samples)])
     assert tower_calls == []  # the tower never ran: the cache replaced it
     decoded_loss = losses(model, [VideoCollator(processor)([decoded[i] for i in range(len(records))])])[0]
     assert with_cache == pytest.approx([decoded_loss, decoded_loss], abs=1e-5)
@@ -128,10 +127,28 @@ def test_projector_level_cache(data, checkpoint, tmp_path):
     writer.close()
     cache = FeatureCache.open(tmp_path, model, processor, video_root=data)
     assert cache.level == "projector"
-    batch = CachedFeatureCollator(VideoCollator(processor))([CachedFeatureDataset(records, processor, cache)[0]])
+    batch = VideoCollator(processor)([CachedFeatureDataset(records, processor, cache)[0]])
     assert "video_embeds" in batch and "pixel_values_videos" not in batch
     decoded = VideoCollator(processor)([ConversationDataset(records, processor)[0]])
     assert losses(model, [batch]) == pytest.approx(losses(model, [decoded]), abs=1e-5)
+
+
+@pytest.mark.parametrize("projector", ["full", "frozen"])
+def test_generation_from_cached_videos_gives_the_answers_of_decoded_ones(data, checkpoint, tmp_path, projector):
+    """`generate_answers` takes videos read from the cache: the same greedy answers, and the tower never runs."""
+    cache_dir = tmp_path / "cache"
+    assert cache_features(cli_args(data, checkpoint, cache_dir, "--tune_projector", projector)) == 0
+    model, processor = load(checkpoint, projector=projector)
+    model.eval()
+    cache = FeatureCache.open(cache_dir, model, processor, video_root=data)
+    assert cache.level == {"full": "tower", "frozen": "projector"}[projector]
+    records = load_conversations(data / "train.jsonl", video_root=data)
+    conversations = [[{"role": "user", "content": f"<video>\n{question}"}] for question, _ in QUESTIONS]
+    decoded = generate_answers(model, processor, conversations, [[processor.load_video(r.videos[0])] for r in records[:3]])
+    tower_calls = []
+    model.model.vision_tower.register_forward_hook(lambda *args: tower_calls.append(1))
+    cached = generate_answers(model, processor, conversations, [[cache.get(r.videos[0])] for r in records[:3]])
+    assert cached == decoded and tower_calls == []
 
 
 def test_other_weights_spec_or_video_are_refused(data, checkpoint, tower_cache):

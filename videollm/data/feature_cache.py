@@ -16,9 +16,10 @@ A cache built for other weights, another config or another spec is therefore nev
 what differs; a video whose file changed (size or modification time) since it was cached fails too. Nothing is ever
 read stale. Inside, `index.json` maps each video (its path relative to `video_root`) to its shard and frame metadata.
 
-Build one with `data_tools/cache_features.py` (`--recipe dpo` for a DPO config); train with it through the
-`feature_cache_dir` data key of recipes/sft.py (`CachedFeatureDataset`) or recipes/dpo.py (the preference collator
-reads videos with `FeatureCache.get`).
+Build one with `data_tools/cache_features.py` (`--recipe` names the config's recipe); every recipe reads it through
+the `feature_cache_dir` data key. `FeatureCache.get` returns a `CachedVideo`, which the processor turns into model
+inputs in place of frames, so SFT (`CachedFeatureDataset`), DPO (the preference collator) and generation all read
+the cache the same way.
 """
 
 from __future__ import annotations
@@ -38,16 +39,13 @@ from torch import nn
 
 from videollm.data.dataset import SAMPLE_ID, ConversationDataset, record_messages
 from videollm.data.formats import ConversationRecord
-from videollm.data.packing import VIDEO_TENSOR_KEYS, concat_video_tensors
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.robust import BadSamplePolicy
-from videollm.data.video import DecodedVideo, VideoDecodeError
+from videollm.data.video import CachedVideo, DecodedVideo, VideoDecodeError
 from videollm.model.trainable import unwrap
 
 CACHE_FORMAT = 1
 LEVELS = ("tower", "projector")
-# The batch key each level's features travel under: the model's forward takes both.
-FEATURE_KEYS = {"tower": "video_frame_features", "projector": "video_embeds"}
 MANIFEST = "manifest.json"
 INDEX = "index.json"
 # Config entries that say where a part came from or how it is run, not what it computes.
@@ -83,27 +81,6 @@ class CacheIdentity:
     def folder(self) -> str:
         digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
         return f"{self.level}-{digest[:16]}"
-
-
-@dataclass
-class CachedVideo(DecodedVideo):
-    """One video read from the cache: no frames (`frames` holds zero of them), the frame metadata that decoding would
-    have returned (the processor expands `<video>` and writes timestamps from it), and the cached `features` of
-    `level` in place of pixels."""
-
-    features: torch.Tensor
-    level: str
-
-
-def cached_video_tensors(videos: Sequence[DecodedVideo]) -> dict[str, torch.Tensor]:
-    """The batch entry of one sample's cached videos, `{"video_frame_features" | "video_embeds": (all in order)}`;
-    empty when the sample's videos were decoded (or it has none)."""
-    cached = [video for video in videos if isinstance(video, CachedVideo)]
-    if not cached:
-        return {}
-    if len(cached) != len(videos) or len({video.level for video in cached}) != 1:
-        raise ValueError("a sample mixes decoded and cached videos, or cache levels; one run reads one cache")
-    return {FEATURE_KEYS[cached[0].level]: torch.cat([video.features for video in cached])}
 
 
 def model_fingerprint(model: nn.Module, level: str) -> str:
@@ -443,17 +420,5 @@ class CachedFeatureDataset(ConversationDataset):
         record = self.records[index]
         videos = [self.cache.get(path) for path in record.videos]
         features = self.processor.encode(record_messages(record), videos, sample_id=record.id).as_features()
-        features.update(cached_video_tensors(videos))
         features[SAMPLE_ID] = record.id
         return features
-
-
-class CachedFeatureCollator:
-    """Wraps a token collator (`VideoCollator` or `PackingCollator`) and adds the cached features in sample order."""
-
-    def __init__(self, collator):
-        self.collator = collator
-
-    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        tokens = [{k: v for k, v in f.items() if k not in VIDEO_TENSOR_KEYS} for f in features]
-        return concat_video_tensors(features, self.collator(tokens))

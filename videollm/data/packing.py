@@ -19,25 +19,9 @@ from typing import Any
 import torch
 from transformers import DataCollatorWithFlattening
 
-from videollm.data.processor import IGNORE_INDEX
+from videollm.data.processor import IGNORE_INDEX, concat_video_tensors
 from videollm.model.attention import PACKED_SDPA
 from videollm.data.dataset import with_sample_ids
-
-# Per-video tensors, concatenated along dim 0 in sample order (raw frames, or cached tower / projector outputs).
-VIDEO_TENSOR_KEYS = ("pixel_values_videos", "video_frame_features", "video_embeds")
-
-
-def concat_video_tensors(features: Sequence[dict[str, Any]], batch: dict[str, Any]) -> dict[str, Any]:
-    """Add the samples' video tensors and `video_num_frames` to `batch`, in sample order (shared by the collators)."""
-    for key in VIDEO_TENSOR_KEYS:
-        tensors = [f[key] for f in features if f.get(key) is not None]
-        if tensors:
-            batch[key] = torch.cat(tensors)
-    if any(key in batch for key in VIDEO_TENSOR_KEYS):
-        batch["video_num_frames"] = torch.tensor(
-            [n for f in features for n in (f.get("video_num_frames") or [])], dtype=torch.long
-        )
-    return batch
 
 
 def dense_packing_warning(attn_implementation: str | None) -> str | None:

@@ -15,7 +15,7 @@ import torch
 from transformers import ProcessorMixin
 
 from videollm.data.sampling import SamplingSpec
-from videollm.data.video import DecodedVideo, FrameReader, resize_frames
+from videollm.data.video import FEATURE_KEYS, CachedVideo, DecodedVideo, FrameReader, resize_frames
 from videollm.model.projectors import VisualTokenLayout
 
 IGNORE_INDEX = -100
@@ -27,13 +27,18 @@ class SampleTooLongError(ValueError):
     """A sample whose visual tokens and prompt do not fit in `max_length`; truncation never cuts visual tokens."""
 
 
+# Per-video model inputs, concatenated along dim 0 in sample order: raw frames, or cached tower / projector outputs.
+VIDEO_TENSOR_KEYS = ("pixel_values_videos", *FEATURE_KEYS.values())
+
+
 @dataclass
 class EncodedSample:
-    """One tokenised sample: ids with every `<video>` expanded, labels masked to assistant turns, and frames."""
+    """One tokenised sample: ids with every `<video>` expanded, labels masked to assistant turns, and its videos as
+    model inputs (`video_inputs`: frames under `pixel_values_videos`, or cached features, see `VIDEO_TENSOR_KEYS`)."""
 
     input_ids: list[int]
     labels: list[int]
-    pixel_values_videos: torch.Tensor | None
+    video_inputs: dict[str, torch.Tensor]
     video_num_frames: list[int]
     frame_indices: list[list[int]]
     frame_timestamps: list[list[float]]
@@ -42,9 +47,22 @@ class EncodedSample:
         return {
             "input_ids": self.input_ids,
             "labels": self.labels,
-            "pixel_values_videos": self.pixel_values_videos,
+            **self.video_inputs,
             "video_num_frames": self.video_num_frames,
         }
+
+
+def concat_video_tensors(features: Sequence[dict[str, Any]], batch: dict[str, Any]) -> dict[str, Any]:
+    """Add the samples' video inputs and `video_num_frames` to `batch`, in sample order (shared by the collators)."""
+    for key in VIDEO_TENSOR_KEYS:
+        tensors = [f[key] for f in features if f.get(key) is not None]
+        if tensors:
+            batch[key] = torch.cat(tensors)
+    if any(key in batch for key in VIDEO_TENSOR_KEYS):
+        batch["video_num_frames"] = torch.tensor(
+            [n for f in features for n in (f.get("video_num_frames") or [])], dtype=torch.long
+        )
+    return batch
 
 
 class VideoLLMProcessor(ProcessorMixin):
@@ -186,16 +204,23 @@ class VideoLLMProcessor(ProcessorMixin):
         return EncodedSample(
             input_ids=input_ids,
             labels=labels,
-            pixel_values_videos=self._pixel_values(videos),
+            video_inputs=self.video_inputs(videos),
             video_num_frames=[len(v.indices) for v in videos],
             frame_indices=[list(v.indices) for v in videos],
             frame_timestamps=[list(v.timestamps) for v in videos],
         )
 
-    def _pixel_values(self, videos: Sequence[DecodedVideo]) -> torch.Tensor | None:
-        # Videos read from a feature cache carry no frames (their features replace the pixels): they add nothing here.
-        pixels = [self.pixel_values(video) for video in videos if video.frames.shape[0]]
-        return torch.cat(pixels) if pixels else None
+    def video_inputs(self, videos: Sequence[DecodedVideo]) -> dict[str, torch.Tensor]:
+        """The model inputs of one sample's videos: normalised frames (`pixel_values_videos`), or for videos read from
+        a feature cache their cached features (`FEATURE_KEYS`); empty without videos."""
+        if not videos:
+            return {}
+        cached = [video for video in videos if isinstance(video, CachedVideo)]
+        if not cached:
+            return {"pixel_values_videos": torch.cat([self.pixel_values(video) for video in videos])}
+        if len(cached) != len(videos) or len({video.level for video in cached}) != 1:
+            raise ValueError("a sample mixes decoded and cached videos, or cache levels; one run reads one cache")
+        return {FEATURE_KEYS[cached[0].level]: torch.cat([video.features for video in cached])}
 
     def _fit(self, input_ids: list[int], labels: list[int], visual: int, sample_id: str, needs_labels: bool):
         if self.max_length is None or len(input_ids) <= self.max_length:
@@ -231,11 +256,7 @@ class VideoLLMProcessor(ProcessorMixin):
             if feature.get("labels") is not None:
                 labels[row, span] = torch.as_tensor(feature["labels"])
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        frames = [f["pixel_values_videos"] for f in features if f.get("pixel_values_videos") is not None]
-        if frames:
-            batch["pixel_values_videos"] = torch.cat(frames)
-            batch["video_num_frames"] = torch.tensor([n for f in features for n in f["video_num_frames"]], dtype=torch.long)
-        return batch
+        return concat_video_tensors(features, batch)
 
     def __call__(
         self,

@@ -76,7 +76,7 @@ class DecodedVideo:
 
     Attributes:
         frames: uint8 tensor ``(T, 3, H, W)``, RGB; ``H = W = spec.frame_size`` when that is set.
-            Empty for a video read from a feature cache (`videollm.data.feature_cache.CachedVideo`).
+            Empty for a video read from a feature cache (`CachedVideo`).
         indices: index of each frame in the video (presentation order); may repeat for uniform sampling.
         timestamps: presentation time of each frame in seconds from the first frame of the video.
         duration: length of the whole video in seconds.
@@ -89,6 +89,20 @@ class DecodedVideo:
     duration: float
     path: str
 
+
+
+# The model input that each feature-cache level's features travel under (the model's forward takes both).
+FEATURE_KEYS = {"tower": "video_frame_features", "projector": "video_embeds"}
+
+
+@dataclass
+class CachedVideo(DecodedVideo):
+    """A video read from a feature cache (`videollm.data.feature_cache`): no frames (`frames` holds zero), the frame
+    metadata that decoding would have returned (the processor expands `<video>` and writes timestamps from it), and
+    the cached `features` of `level` (`FEATURE_KEYS`), which the processor hands to the model in place of pixels."""
+
+    features: torch.Tensor
+    level: str
 
 # ---------------------------------------------------------------------------------------------------- backends
 

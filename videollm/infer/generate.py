@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from videollm.data.processor import VideoLLMProcessor
+from videollm.data.processor import VIDEO_TENSOR_KEYS, VideoLLMProcessor
 from videollm.data.video import DecodedVideo
 from videollm.model.modeling import KV_CACHE_FIELD
 
@@ -57,6 +57,9 @@ def generate_answers(
 ) -> list[list[str]]:
     """Answer each conversation (ending with a user turn); returns `num_return_sequences` answers per prompt.
 
+    `videos` are paths, decoded videos, or videos read from a feature cache (`FeatureCache.get`), whose cached
+    features replace the vision tower (and projector) in the prefill.
+
     `batch_size` prompts (default: all) go through one vision pass and one prefill; their k samples decode together.
     Sampling draws from torch's global generator: seed it (`torch.manual_seed`) for repeatable samples.
     """
@@ -90,8 +93,7 @@ def _generate_batch(model, processor, conversations, videos, settings: Generatio
         input_ids=input_ids[:, :-1],
         attention_mask=attention_mask[:, :-1],
         position_ids=position_ids[:, :-1],
-        pixel_values_videos=batch.get("pixel_values_videos"),
-        video_num_frames=batch.get("video_num_frames"),
+        **{key: batch[key] for key in (*VIDEO_TENSOR_KEYS, "video_num_frames") if key in batch},
         use_cache=True,
         logits_to_keep=1,
     )

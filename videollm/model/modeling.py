@@ -248,6 +248,15 @@ class VideoLLMForConditionalGeneration(VideoLLMPreTrainedModel, GenerationMixin)
     ) -> list[torch.Tensor]:
         return self.model.get_video_features(pixel_values_videos, video_num_frames, frame_features)
 
+    def visual_tokens(self, video_inputs: dict[str, torch.Tensor], video_num_frames: torch.Tensor | list[int]) -> torch.Tensor:
+        """The visual tokens of a batch's videos, all in order, `(N, D)`, from the inputs the processor made of them
+        (`VideoLLMProcessor.video_inputs`): frames, cached tower features (the tower is skipped) or cached projector
+        outputs (returned as they are). Lets a caller encode once and reuse the tokens (`video_embeds`)."""
+        if "video_embeds" in video_inputs:
+            return video_inputs["video_embeds"]
+        pixels, features = video_inputs.get("pixel_values_videos"), video_inputs.get("video_frame_features")
+        return torch.cat(self.model.get_video_features(pixels, video_num_frames, frame_features=features))
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -275,7 +284,7 @@ class VideoLLMForConditionalGeneration(VideoLLMPreTrainedModel, GenerationMixin)
                 raise ValueError("pass one of pixel_values_videos, video_embeds or video_frame_features")
             if video_num_frames is None:
                 raise ValueError("video_frame_features needs video_num_frames (frames per video, in order)")
-            video_embeds = torch.cat(self.model.get_video_features(None, video_num_frames, frame_features=video_frame_features))
+            video_embeds = self.visual_tokens({"video_frame_features": video_frame_features}, video_num_frames)
         if labels is not None and use_cache is None:
             # A loss needs no KV cache, and packed rows (position_ids restarting per sample) must not build one: with
             # a cache, transformers' masks stop separating the samples.

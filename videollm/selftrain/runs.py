@@ -25,6 +25,7 @@ kept once written; finished cycles are skipped.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 from transformers import set_seed
 
+from videollm.data.feature_cache import FeatureCache
 from videollm.data.formats import LabelledRecord, load_labelled, write_jsonl
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.video import DecodedVideo, VideoDecodeError
@@ -216,6 +218,8 @@ class Sampler:
     scorer: Callable[[torch.nn.Module, Prompt, list[DecodedVideo], list[str]], list[float]] | None = field(
         default=None, repr=False
     )
+    # reads one video for generation: the processor's decoder by default, `FeatureCache.get` in a run with a cache
+    load_video: Callable[[str], DecodedVideo] | None = field(default=None, repr=False)
 
     def run(
         self, model_loader: Callable[[], torch.nn.Module], prompts: Sequence[Prompt], stage: str, step: int,
@@ -250,7 +254,7 @@ class Sampler:
         videos, failed = [], {}
         for prompt in batch:
             try:
-                videos.append([self.processor.load_video(path) for path in prompt.record.videos])
+                videos.append([(self.load_video or self.processor.load_video)(path) for path in prompt.record.videos])
             except VideoDecodeError as error:
                 failed[prompt.id] = str(error)
                 videos.append(None)
@@ -305,11 +309,14 @@ def evaluate_labelled(
     settings: GenerationSettings | None = None,
     batch_size: int = 16,
     template: str = "{question}",
+    load_video: Callable[[str], DecodedVideo] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Greedy answers to labelled questions, scored by the run's verifiers; returns (summary, predictions).
 
-    The summary is `videollm.eval`'s: accuracy overall and by question type (``meta["type"]``).
+    The summary is `videollm.eval`'s: accuracy overall and by question type (``meta["type"]``). `load_video` reads
+    each video (default: the processor's decoder; `FeatureCache.get` in a run with a feature cache).
     """
+    load_video = load_video or processor.load_video
     from videollm.eval.__main__ import summarize
 
     settings = settings or GenerationSettings(max_new_tokens=32)
@@ -320,7 +327,7 @@ def evaluate_labelled(
         videos, kept = [], []
         for prompt in batch:
             try:
-                videos.append([processor.load_video(path) for path in prompt.record.videos])
+                videos.append([load_video(path) for path in prompt.record.videos])
                 kept.append(prompt)
             except VideoDecodeError as error:
                 predictions.append(_prediction(prompt.record, None, None, [], str(error)))
@@ -350,6 +357,7 @@ def evaluate_step(
     settings: GenerationSettings,
     batch_size: int,
     template: str,
+    load_video: Callable[[str], DecodedVideo] | None = None,
 ) -> dict | None:
     """Evaluate once: `eval.json` and `eval_predictions.jsonl` in `step_dir`; an existing `eval.json` is returned as is."""
     if not records:
@@ -358,7 +366,7 @@ def evaluate_step(
     if saved is not None:
         return saved
     model = model_loader()
-    summary, predictions = evaluate_labelled(model, processor, records, verifiers, settings, batch_size, template)
+    summary, predictions = evaluate_labelled(model, processor, records, verifiers, settings, batch_size, template, load_video)
     write_jsonl(step_dir / "eval_predictions.jsonl", predictions)
     write_json(step_dir / "eval.json", summary)
     return summary
@@ -527,6 +535,7 @@ class SelfTrainArguments:
 # Settings that do not change what a run produces: they may differ when a run is resumed (or extended: `cycles`).
 RESUMABLE_KEYS = {
     "cycles", "rounds", "stop_when_no_gain", "min_gain", "eval_batch_size", "decode_timeout", "decode_backend",
+    "feature_cache_dir",
 }  # fmt: skip
 TRAINING_KEYS = (
     "learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -608,6 +617,30 @@ def model_from(model_args: ModelArguments, checkpoint: Path) -> ModelArguments:
     return dataclasses.replace(
         model_args, model_name_or_path=str(checkpoint), tiny=False, vision_name_or_path=None, llm_name_or_path=None
     )
+
+
+def open_feature_cache(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: Any,
+    checkpoint: Path,
+    processor: VideoLLMProcessor,
+    records: Sequence[LabelledRecord],
+) -> FeatureCache | None:
+    """The run's feature cache (`feature_cache_dir`; None without one), checked against `checkpoint` under the run's
+    training policy and for every video of `records`; raises `FeatureCacheError` otherwise.
+
+    The cache needs a frozen tower (and holds projector outputs only when the projector is frozen too), and what is
+    frozen never changes across steps: one cache serves the sampling, training and evaluation of every step.
+    """
+    if not data_args.feature_cache_dir:
+        return None
+    model, _ = load_or_build(model_from(model_args, checkpoint), data_args, training_args=training_args)
+    cache = FeatureCache.open(data_args.feature_cache_dir, model, processor, video_root=data_args.video_root)
+    del model
+    gc.collect()
+    cache.check(path for record in records for path in record.videos)
+    return cache
 
 
 def inference_loader(checkpoint: Path) -> Callable[[], torch.nn.Module]:

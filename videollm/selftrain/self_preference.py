@@ -14,7 +14,9 @@ Each round:
    round, and the merged model is the next round's policy AND reference;
 5. evaluate on the labelled `eval_file` with the verifiers.
 
-`rounds` (the DPO config's key) sets the number of rounds. State and resumption: `videollm.selftrain.runs`.
+`rounds` (the DPO config's key) sets the number of rounds. State and resumption: `videollm.selftrain.runs`. With
+`feature_cache_dir`, sampling, the policy judging itself, training and evaluation read the videos' frozen vision
+features from the cache (a separate judge decodes with its own processor).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, set_seed
 
+from videollm.data.feature_cache import FeatureCache
 from videollm.data.formats import load_preferences, write_jsonl
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.robust import BadSampleCollator, BadSamplePolicy
@@ -57,6 +60,7 @@ from videollm.selftrain.runs import (
     load_records,
     metric,
     model_from,
+    open_feature_cache,
     read_json,
     record_verifiers,
     run_processor,
@@ -151,9 +155,9 @@ class ModelJudge:
         input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         kwargs = {}
-        if videos:
-            frames = torch.cat([processor.pixel_values(v) for v in videos]).to(device)
-            features = torch.cat(unwrap(model).get_video_features(frames, [len(v.indices) for v in videos]))
+        if videos:  # decoded, or read from the run's feature cache
+            inputs = {key: value.to(device) for key, value in processor.video_inputs(videos).items()}
+            features = unwrap(model).visual_tokens(inputs, [len(v.indices) for v in videos])
             kwargs["video_embeds"] = features.repeat(len(answers), 1)
         logits = model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1, **kwargs
@@ -253,21 +257,27 @@ def train_preferences(
     pairs_file: Path,
     step_dir: Path,
     callbacks: Sequence[TrainerCallback] | None = None,
+    cache: FeatureCache | None = None,
 ) -> dict:
     """One DPO round from `start` on `pairs_file`; the trained model in `step_dir/checkpoint`, merged into
-    `step_dir/model` when it is an adapter. Resumable and done once (`train_done.json`)."""
+    `step_dir/model` when it is an adapter. Resumable and done once (`train_done.json`). With `cache`, the videos'
+    features are read from it."""
     output_dir = step_dir / "checkpoint"
     done = read_json(output_dir / "train_done.json")
     if done is not None:
         return done
     set_seed(dpo_args.seed)
     model, _ = load_or_build(model_from(model_args, start), data_args, training_args=dpo_args)
+    load_video = processor.load_video
+    if cache is not None:
+        unwrap(model).use_cached_vision(cache.level)
+        load_video = cache.get
     rows = preference_rows(load_preferences(pairs_file, video_root=data_args.video_root))
     dataset = build_preference_dataset(rows, processor, cache_dir=str(step_dir / "datasets"))
     args = dataclasses.replace(dpo_args, output_dir=str(output_dir), rounds=1, round_train_files=None)
     collator = BadSampleCollator(
-        PreferenceCollator(processor, mark_phrases="rrpo" in args.loss_type),
-        processor.load_video,
+        PreferenceCollator(processor, mark_phrases="rrpo" in args.loss_type, load_video=load_video),
+        load_video,
         {"train": dataset},
         BadSamplePolicy.from_args(data_args, args),
     )
@@ -334,6 +344,8 @@ def run_self_preference(
     if is_adapter_checkpoint(initial):
         # round 1's reference must be the seed policy itself, not the base under its adapter
         initial = merged_copy(initial, run.path / "initial_merged", processor)
+    cache = open_feature_cache(model_args, data_args, dpo_args, initial, processor, records + eval_records)
+    load_video = cache.get if cache is not None else None
     judge = None
     if pref_args.scorer == "judge":
         judge_model, judge_processor = None, processor
@@ -342,15 +354,18 @@ def run_self_preference(
         judge = ModelJudge(pref_args.judge_template, judge_processor, judge_model)
     sampler = Sampler(
         processor, verifiers, pref_args.generation(), batch_size=pref_args.generation_batch_size, seed=dpo_args.seed,
-        step_name="round", video_root=data_args.video_root, scorer=judge,
+        step_name="round", video_root=data_args.video_root, scorer=judge, load_video=load_video,
     )  # fmt: skip
     prompts = [Prompt(r, fill(pref_args.answer_template, r)) for r in records]
 
     def evaluate(step_dir: Path, checkpoint: Path) -> dict | None:
         return evaluate_step(
             step_dir, inference_loader(checkpoint), processor, eval_records, verifiers, pref_args.evaluation(),
-            pref_args.eval_batch_size, pref_args.answer_template,
+            pref_args.eval_batch_size, pref_args.answer_template, load_video,
         )  # fmt: skip
+
+    def train(start: Path, pairs_file: Path, step_dir: Path) -> dict:
+        return train_preferences(model_args, data_args, dpo_args, processor, start, pairs_file, step_dir, callbacks, cache)
 
     baseline = evaluate(run.step_dir(0), initial)
     rows = [eval_columns({"round": 0, "model": str(initial)}, baseline)]
@@ -359,8 +374,7 @@ def run_self_preference(
     for number in range(1, dpo_args.rounds + 1):
         row = run.finished(number)
         if row is None:
-            row = _round(number, latest, prompts, run, sampler, processor, model_args, data_args, pref_args, dpo_args,
-                         callbacks, evaluate)  # fmt: skip
+            row = _round(number, latest, prompts, run, sampler, data_args, pref_args, dpo_args, train, evaluate)
             run.finish(number, row)
         rows.append(row)
         latest = Path(row["model"])
@@ -373,9 +387,8 @@ def run_self_preference(
 
 
 def _round(
-    number: int, latest: Path, prompts: list[Prompt], run: RunDirectory, sampler: Sampler,
-    processor: VideoLLMProcessor, model_args: ModelArguments, data_args: DataArguments,
-    pref_args: SelfPreferenceArguments, dpo_args: VideoDPOConfig, callbacks, evaluate,
+    number: int, latest: Path, prompts: list[Prompt], run: RunDirectory, sampler: Sampler, data_args: DataArguments,
+    pref_args: SelfPreferenceArguments, dpo_args: VideoDPOConfig, train, evaluate,
 ) -> dict:  # fmt: skip
     started = time.time()
     step_dir = run.step_dir(number)
@@ -398,7 +411,7 @@ def _round(
     pairs_file = step_dir / "pairs.jsonl"
     write_jsonl(pairs_file, pairs)
     if pairs:
-        training = train_preferences(model_args, data_args, dpo_args, processor, latest, pairs_file, step_dir, callbacks)
+        training = train(latest, pairs_file, step_dir)
     else:
         logger.warning("round %d made no pairs (%s): nothing to train on", number, dict(dropped))
         training = {"train_steps": 0, "train_loss": None, "model": str(latest)}

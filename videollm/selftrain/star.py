@@ -12,7 +12,8 @@ Each cycle, for the labelled records `{"video", "question", "label", "label_type
 5. evaluate on the labelled `eval_file` with the same verifiers.
 
 The run stops after `cycles` cycles, or as soon as the evaluated accuracy (overall, or of `metric_type`) does not rise
-by more than `min_gain`. State and resumption: `videollm.selftrain.runs`.
+by more than `min_gain`. State and resumption: `videollm.selftrain.runs`. With `feature_cache_dir`, every step reads
+the videos' frozen vision features from the cache instead of decoding and encoding them (`open_feature_cache`).
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ import torch
 from transformers import TrainerCallback, set_seed
 
 from videollm.data.dataset import ConversationDataset, VideoCollator
-from videollm.data.robust import BadSamplePolicy
+from videollm.data.feature_cache import CachedFeatureDataset, FeatureCache
 from videollm.data.formats import load_conversations, write_jsonl
 from videollm.data.processor import VideoLLMProcessor
+from videollm.data.robust import BadSamplePolicy
+from videollm.model.trainable import unwrap
 from videollm.selftrain.verifiers import normalize_answer
 from videollm.selftrain.runs import (
     RESUMABLE_KEYS,
@@ -48,6 +51,7 @@ from videollm.selftrain.runs import (
     load_records,
     metric,
     model_from,
+    open_feature_cache,
     read_json,
     record_verifiers,
     run_processor,
@@ -119,11 +123,13 @@ def train_on_kept(
     train_file: Path,
     output_dir: Path,
     callbacks: Sequence[TrainerCallback] | None = None,
+    cache: FeatureCache | None = None,
 ) -> dict:
     """Fine-tune `start` on the conversations in `train_file` into `output_dir`; resumable, done once.
 
     A `train_done.json` marks a finished training. Otherwise training resumes from the last Trainer checkpoint in
-    `output_dir` (with `save_strategy: steps`), or starts again from `start` with the same seed.
+    `output_dir` (with `save_strategy: steps`), or starts again from `start` with the same seed. With `cache`, the
+    videos' features are read from it.
     """
     done = read_json(output_dir / "train_done.json")
     if done is not None:
@@ -132,10 +138,16 @@ def train_on_kept(
     model, _ = load_or_build(model_from(model_args, start), data_args, training_args=training_args)
     records = load_conversations(train_file)
     args = dataclasses.replace(training_args, output_dir=str(output_dir))
+    bad_samples = BadSamplePolicy.from_args(data_args, args)
+    if cache is not None:
+        unwrap(model).use_cached_vision(cache.level)
+        train_dataset = CachedFeatureDataset(records, processor, cache, bad_samples)
+    else:
+        train_dataset = ConversationDataset(records, processor, bad_samples)
     trainer = VideoSFTTrainer(
         model=model,
         args=args,
-        train_dataset=ConversationDataset(records, processor, BadSamplePolicy.from_args(data_args, args)),
+        train_dataset=train_dataset,
         data_collator=VideoCollator(processor, sample_ids=True),
         processing_class=processor,
         callbacks=list(callbacks or []),
@@ -187,17 +199,22 @@ def run_star(
         logger.info("resuming the run in %s", run.path)
     initial = initial_checkpoint(run, model_args, data_args, training_args.seed)
     processor = run_processor(initial, data_args)
+    cache = open_feature_cache(model_args, data_args, training_args, initial, processor, records + eval_records)
+    load_video = cache.get if cache is not None else None
     sampler = Sampler(
         processor, verifiers, star_args.generation(), batch_size=star_args.generation_batch_size,
-        seed=training_args.seed, step_name="cycle", video_root=data_args.video_root,
+        seed=training_args.seed, step_name="cycle", video_root=data_args.video_root, load_video=load_video,
     )  # fmt: skip
     prompts = [Prompt(r, fill(star_args.answer_template, r)) for r in records]
 
     def evaluate(step_dir: Path, checkpoint: Path) -> dict | None:
         return evaluate_step(
             step_dir, inference_loader(checkpoint), processor, eval_records, verifiers, star_args.evaluation(),
-            star_args.eval_batch_size, star_args.answer_template,
+            star_args.eval_batch_size, star_args.answer_template, load_video,
         )  # fmt: skip
+
+    def train(start: Path, train_file: Path, checkpoint: Path) -> dict:
+        return train_on_kept(model_args, data_args, training_args, processor, start, train_file, checkpoint, callbacks, cache)
 
     baseline = evaluate(run.step_dir(0), initial)
     rows = [eval_columns({"cycle": 0, "model": str(initial)}, baseline)]
@@ -206,8 +223,7 @@ def run_star(
     for cycle in range(1, star_args.cycles + 1):
         row = run.finished(cycle)
         if row is None:
-            row = _cycle(cycle, latest, initial, prompts, run, sampler, processor, model_args, data_args, star_args,
-                         training_args, callbacks, evaluate)  # fmt: skip
+            row = _cycle(cycle, latest, initial, prompts, run, sampler, star_args, train, evaluate)
             run.finish(cycle, row)
         else:
             logger.info("cycle %d already finished; skipped", cycle)
@@ -223,8 +239,7 @@ def run_star(
 
 def _cycle(
     cycle: int, latest: Path, initial: Path, prompts: list[Prompt], run: RunDirectory, sampler: Sampler,
-    processor: VideoLLMProcessor, model_args: ModelArguments, data_args: DataArguments, star_args: StarArguments,
-    training_args: VideoSFTConfig, callbacks, evaluate,
+    star_args: StarArguments, train, evaluate,
 ) -> dict:  # fmt: skip
     started = time.time()
     step_dir = run.step_dir(cycle)
@@ -258,7 +273,7 @@ def _cycle(
     checkpoint = step_dir / "checkpoint"
     start = initial if star_args.retrain_from == "initial" else latest
     if train_rows:
-        training = train_on_kept(model_args, data_args, training_args, processor, start, train_file, checkpoint, callbacks)
+        training = train(start, train_file, checkpoint)
     else:
         logger.warning("cycle %d kept no answers: nothing to train on; the model stays %s", cycle, start)
         training, checkpoint = {"train_steps": 0, "train_loss": None}, start

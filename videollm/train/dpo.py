@@ -40,10 +40,9 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import use_adapter
 
 from videollm.data.dataset import SAMPLE_IDS
-from videollm.data.feature_cache import FeatureCache, cached_video_tensors
+from videollm.data.feature_cache import FeatureCache
 from videollm.data.formats import DataValidationError, PreferenceRecord
-from videollm.data.packing import concat_video_tensors
-from videollm.data.processor import IGNORE_INDEX, VideoLLMProcessor
+from videollm.data.processor import IGNORE_INDEX, VideoLLMProcessor, concat_video_tensors
 from videollm.data.robust import BadSampleCollator, BadSamplePolicy
 from videollm.data.video import DecodedVideo
 from videollm.model.checkpoint import save_checkpoint
@@ -219,7 +218,7 @@ class PreferenceCollator:
                 messages = prompt + [{"role": "assistant", "content": example[side]}]
                 encoded = self.processor.encode(messages, videos, sample_id=str(example.get("id", "")))
                 out.append(encoded)
-            video_tensors.append({**chosen[-1].as_features(), **cached_video_tensors(videos)})
+            video_tensors.append(chosen[-1].as_features())
         rows = chosen + rejected
         batch = self.processor.collate([{"input_ids": r.input_ids, "labels": r.labels} for r in rows])
         batch["completion_mask"] = (batch.pop("labels") != IGNORE_INDEX).long()

@@ -64,18 +64,17 @@ class Hardware:
 
 
 def out_of_memory_advice(
-    gradient_checkpointing: bool, batch_size: int, accumulation_steps: int, tower_frozen: bool, feature_cache: bool | None
+    gradient_checkpointing: bool, batch_size: int, accumulation_steps: int, tower_frozen: bool, feature_cache: bool
 ) -> list[str]:
     """What to change when a training step does not fit in accelerator memory, for this config, the cheapest in
-    speed first; the advice a user would otherwise dig out of a CUDA allocator traceback. `feature_cache` is None
-    where the recipe reads no feature cache (only SFT does), so the cache is not suggested there."""
+    speed first; the advice a user would otherwise dig out of a CUDA allocator traceback."""
     advice = []
     if batch_size > 1:
         advice.append(
             f"per_device_train_batch_size: {batch_size // 2} with gradient_accumulation_steps: {accumulation_steps * 2} "
             "(the same batch per optimizer step)"
         )
-    if tower_frozen and feature_cache is False:
+    if tower_frozen and not feature_cache:
         advice.append("feature_cache_dir (data_tools/cache_features.py): no vision-tower forward during training")
     if not gradient_checkpointing:
         advice.append("gradient_checkpointing: true (recomputes activations in the backward pass: about a third more compute)")

@@ -106,12 +106,11 @@ def run_summary(trainer: Trainer) -> str:
 
 @contextlib.contextmanager
 def training_failures_as_errors(
-    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, reads_feature_cache: bool = False
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
 ) -> Iterator[None]:
     """Stop the recipe with one `error: ...` line (exit code 1) instead of a traceback when training meets a failure
     of the run rather than of the code: steps that stay non-finite, too many unreadable videos, a feature cache that
-    does not match the run, or a step that does not fit in accelerator memory (with what to change in the config;
-    `reads_feature_cache`: the recipe can train from `feature_cache_dir`)."""
+    does not match the run, or a step that does not fit in accelerator memory (with what to change in the config)."""
     try:
         yield
     except NonFiniteTrainingError as error:
@@ -126,7 +125,7 @@ def training_failures_as_errors(
             batch_size=training_args.per_device_train_batch_size,
             accumulation_steps=training_args.gradient_accumulation_steps,
             tower_frozen=model_args.tune_vision == "frozen",
-            feature_cache=data_args.feature_cache_dir is not None if reads_feature_cache else None,
+            feature_cache=data_args.feature_cache_dir is not None,
         )
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
         sys.exit("error: a training step ran out of accelerator memory (" + first_line + "); try, in this order:\n"
