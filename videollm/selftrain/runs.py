@@ -316,9 +316,9 @@ def evaluate_labelled(
     The summary is `videollm.eval`'s: accuracy overall and by question type (``meta["type"]``). `load_video` reads
     each video (default: the processor's decoder; `FeatureCache.get` in a run with a feature cache).
     """
-    load_video = load_video or processor.load_video
     from videollm.eval.__main__ import summarize
 
+    load_video = load_video or processor.load_video
     settings = settings or GenerationSettings(max_new_tokens=32)
     prompts = [Prompt(r, fill(template, r)) for r in records]
     predictions = []
