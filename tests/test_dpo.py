@@ -132,9 +132,13 @@ def sequence_logps(model, batch) -> torch.Tensor:
 # ---- data -------------------------------------------------------------------------------------------------------------
 
 
-def test_collator_encodes_each_video_once_with_chosen_rows_then_rejected_rows(processor, dataset):
+def test_collator_encodes_each_video_once_with_chosen_rows_then_rejected_rows(processor, dataset, monkeypatch):
     examples = [dataset[0], dataset[1]]
+    normalised = []
+    pixel_values = processor.pixel_values
+    monkeypatch.setattr(processor, "pixel_values", lambda video: normalised.append(video.path) or pixel_values(video))
     batch = PreferenceCollator(processor)(examples)
+    assert normalised == [examples[0]["videos"][0], examples[1]["videos"][0]]  # once per pair, not per answer
     assert batch["input_ids"].shape[0] == 4
     assert batch["pixel_values_videos"].shape[0] == 2 * FRAMES and batch["video_num_frames"].tolist() == [FRAMES, FRAMES]
     tokenizer = processor.tokenizer
@@ -450,6 +454,24 @@ def test_rounds_train_from_the_cache_without_running_the_tower(base, processor, 
         )  # fmt: skip
     assert tower_forwards == []  # neither round, nor round 2's fresh model, ran the tower
     assert trainer.state.global_step == 1 and (tmp_path / "out" / "round_2" / "trainer_state.json").is_file()
+
+
+def test_the_cache_tool_reads_every_round_file_of_a_dpo_config(synthetic, checkpoint, tmp_path, capsys):
+    other = tmp_path / "other.mp4"
+    write_video(other, np.zeros((8, 16, 16, 3), dtype=np.uint8))
+    record = {"id": "o", "video": str(other), "prompt": "<video>\nWhat moves?", "chosen": "a", "rejected": "b"}
+    second_round = tmp_path / "round_2.jsonl"
+    second_round.write_text(json.dumps(record) + "\n")
+    argv = [
+        "--recipe", "dpo", "--model_name_or_path", str(checkpoint), "--tune_projector", "frozen", "--tune_llm", "lora",
+        "--round_train_files", str(synthetic / "preference_train.jsonl"), str(second_round), "--video_root", str(synthetic),
+        "--feature_cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "unused"), "--use_cpu", "true",
+        "--report_to", "none", "--dataloader_num_workers", "0",
+    ]  # fmt: skip
+    assert cache_features(argv) == 0
+    assert "9 videos, 0 already cached" in capsys.readouterr().out  # the 8 of the first round's file and the other
+    with pytest.raises(SystemExit, match=re.escape("recipe: 'ppo' is not one of sft | dpo | star | self_preference")):
+        cache_features(["--recipe", "ppo", *argv[2:]])
 
 
 def test_a_cache_missing_videos_of_the_run_fails_before_training(base, processor, rows, feature_caches, synthetic, tmp_path):

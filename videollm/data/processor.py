@@ -163,10 +163,13 @@ class VideoLLMProcessor(ProcessorMixin):
         videos: Sequence[DecodedVideo] = (),
         sample_id: str = "",
         add_generation_prompt: bool = False,
+        with_video_inputs: bool = True,
     ) -> EncodedSample:
         """Tokenise one conversation. Labels cover the assistant turns (their text and end-of-turn token) only.
 
-        `messages` are `{"role", "content"}` dicts whose text holds one `video_token` per entry of `videos`.
+        `messages` are `{"role", "content"}` dicts whose text holds one `video_token` per entry of `videos`. Without
+        `with_video_inputs`, `video_inputs` stays empty: for a caller that has them from another encoding of the same
+        videos (the second answer of a preference pair), which saves normalising the frames again.
         """
         messages = [dict(m) for m in messages]
         placeholders = sum(m["content"].count(self.video_token) for m in messages)
@@ -204,7 +207,7 @@ class VideoLLMProcessor(ProcessorMixin):
         return EncodedSample(
             input_ids=input_ids,
             labels=labels,
-            video_inputs=self.video_inputs(videos),
+            video_inputs=self.video_inputs(videos) if with_video_inputs else {},
             video_num_frames=[len(v.indices) for v in videos],
             frame_indices=[list(v.indices) for v in videos],
             frame_timestamps=[list(v.timestamps) for v in videos],

@@ -149,7 +149,7 @@ class ModelJudge:
             [{"role": "user", "content": "<video>\n" * len(videos) + fill(self.template, prompt.record, answer=a)}]
             for a in answers
         ]
-        encoded = [processor.encode(q, videos, add_generation_prompt=True) for q in questions]
+        encoded = [processor.encode(q, videos, add_generation_prompt=True, with_video_inputs=False) for q in questions]
         batch = processor.collate([{"input_ids": e.input_ids} for e in encoded], padding_side="left")
         device = next(model.parameters()).device
         input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)

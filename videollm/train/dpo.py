@@ -216,8 +216,9 @@ class PreferenceCollator:
             prompt = [dict(m) for m in example["prompt"]]
             for side, out in (("chosen", chosen), ("rejected", rejected)):
                 messages = prompt + [{"role": "assistant", "content": example[side]}]
-                encoded = self.processor.encode(messages, videos, sample_id=str(example.get("id", "")))
-                out.append(encoded)
+                sample_id = str(example.get("id", ""))
+                # The pair's video inputs come from the chosen encoding; the rejected one only needs the tokens.
+                out.append(self.processor.encode(messages, videos, sample_id=sample_id, with_video_inputs=side == "chosen"))
             video_tensors.append(chosen[-1].as_features())
         rows = chosen + rejected
         batch = self.processor.collate([{"input_ids": r.input_ids, "labels": r.labels} for r in rows])
