@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from transformers import DataCollatorWithFlattening
 
 from videollm.data.processor import IGNORE_INDEX, concat_video_tensors
