@@ -90,7 +90,6 @@ class DecodedVideo:
     path: str
 
 
-
 # The model input that each feature-cache level's features travel under (the model's forward takes both).
 FEATURE_KEYS = {"tower": "video_frame_features", "projector": "video_embeds"}
 
@@ -103,6 +102,7 @@ class CachedVideo(DecodedVideo):
 
     features: torch.Tensor
     level: str
+
 
 # ---------------------------------------------------------------------------------------------------- backends
 
