@@ -9,7 +9,7 @@ model (adapter or full, with projector and processor) in `output_dir` itself.
 import sys
 
 from videollm.data.dataset import ConversationDataset, VideoCollator
-from videollm.data.feature_cache import CachedFeatureDataset, FeatureCache, FeatureCacheError
+from videollm.data.feature_cache import CachedFeatureDataset, FeatureCache
 from videollm.data.formats import DataValidationError, load_conversations
 from videollm.data.packing import PackingCollator, dense_packing_warning
 from videollm.data.robust import BadSamplePolicy, bad_sample_summaries, load_for_policy
@@ -40,27 +40,26 @@ def main() -> None:
     collator = PackingCollator(sample_ids=True) if data_args.packing else VideoCollator(processor, sample_ids=True)
     if data_args.packing and (note := dense_packing_warning(model.config.text_config._attn_implementation)):
         print(f"warning: {note}", file=sys.stderr, flush=True)
-    if data_args.feature_cache_dir:
-        # Cached frozen-tower features replace decoding and the tower forward; a cache of other weights/spec is refused.
-        try:
+    # Failures of the run (a feature cache of other weights or spec, non-finite steps, unreadable videos, out of
+    # memory) end it with one line, not a traceback.
+    with training_failures_as_errors(model_args, data_args, training_args):
+        if data_args.feature_cache_dir:
+            # Cached frozen-tower features replace decoding and the tower forward.
             cache = FeatureCache.open(data_args.feature_cache_dir, model, processor, video_root=data_args.video_root)
             model.use_cached_vision(cache.level)
             train_dataset = CachedFeatureDataset(train_records, processor, cache, bad_samples)
             eval_dataset = CachedFeatureDataset(eval_records, processor, cache, bad_samples, name="eval") if eval_records else None
-        except FeatureCacheError as error:
-            sys.exit(f"error: {error}")
-    else:
-        train_dataset = ConversationDataset(train_records, processor, bad_samples)
-        eval_dataset = ConversationDataset(eval_records, processor, bad_samples, name="eval") if eval_records else None
-    trainer = VideoSFTTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=collator,
-        processing_class=processor,
-    )
-    with training_failures_as_errors(model_args, data_args, training_args):
+        else:
+            train_dataset = ConversationDataset(train_records, processor, bad_samples)
+            eval_dataset = ConversationDataset(eval_records, processor, bad_samples, name="eval") if eval_records else None
+        trainer = VideoSFTTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=collator,
+            processing_class=processor,
+        )
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     for line in bad_sample_summaries([train_dataset.guard, eval_dataset.guard if eval_dataset else None]):
         print(line, flush=True)

@@ -203,3 +203,14 @@ def test_sft_recipe_trains_from_the_cache_with_packing(data, checkpoint, tower_c
                                       "--per_device_train_batch_size", "2", "--save_strategy", "no"])  # fmt: skip
     runpy.run_path(str(REPO / "recipes" / "sft.py"), run_name="__main__")
     assert "finished after 2 steps" in capsys.readouterr().out
+
+
+def test_sft_recipe_stops_with_one_line_on_a_cache_of_another_spec(data, checkpoint, tower_cache, tmp_path, monkeypatch):
+    args = cli_args(data, checkpoint, tower_cache)[:-2]
+    args[args.index("--output_dir") + 1] = str(tmp_path / "out")
+    monkeypatch.setattr(sys, "argv", ["sft.py", *args, "--num_frames", "6", "--max_steps", "1"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(REPO / "recipes" / "sft.py"), run_name="__main__")
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "sampling spec" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
