@@ -1,4 +1,5 @@
-"""Fixtures shared by the inference tests (chat, batch, server, Gradio): one tiny saved checkpoint and its engine."""
+"""Fixtures shared by several test files: tiny saved checkpoints (a base model to start LoRA from; a checkpoint and
+its engine for the inference tests: chat, batch, server, Gradio)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,17 @@ from videollm.data.sampling import SamplingSpec
 from videollm.infer.session import InferenceEngine
 from videollm.model.checkpoint import save_checkpoint
 from videollm.model.presets import build_tiny_model_and_processor
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A tiny checkpoint to start LoRA from (LoRA needs pretrained frozen parts)."""
+    torch.manual_seed(0)
+    model, processor = build_tiny_model_and_processor("pool", sampling=SamplingSpec(num_frames=4))
+    path = tmp_path_factory.mktemp("base")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import importlib.util
 
 import pytest
 import torch
+from test_hardware import train_two_steps_with_the_defaults
 from test_packing import features, loss_and_grads
 from torch import nn
 
@@ -18,6 +19,7 @@ from videollm.data.packing import PackingCollator
 from videollm.data.sampling import SamplingSpec
 from videollm.model.loss import causal_lm_loss
 from videollm.model.presets import build_tiny_model_and_processor
+from videollm.train.sft import VideoSFTConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = "cuda"
@@ -91,36 +93,8 @@ def test_liger_loss_equals_the_chunked_loss():
         assert torch.allclose(liger, chunked, atol=1e-4, rtol=1e-3)
 
 
-def test_device_defaults_train_in_bf16_with_fp32_trainables(tmp_path):
-    """The defaults of `videollm.train.hardware` on this GPU: bf16 autocast on, frozen weights stored in bf16, LoRA and
-    the projector in fp32; two Trainer steps run, the loss is finite and only the trainable weights change."""
-    from transformers import Trainer
-
-    from videollm.model.trainable import unwrap
-    from videollm.train.config import DataArguments, ModelArguments
-    from videollm.train.setup import load_or_build
-    from videollm.train.sft import VideoSFTConfig
-
-    torch.manual_seed(0)
-    base, processor = build_tiny_model_and_processor("pool", sampling=SamplingSpec(num_frames=4))
-    base.save_pretrained(tmp_path / "base")
-    processor.save_pretrained(tmp_path / "base")
-    args = VideoSFTConfig(
-        output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
-        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-    )  # fmt: skip
-    assert args.bf16 is torch.cuda.is_bf16_supported()
-    model_args = ModelArguments(model_name_or_path=str(tmp_path / "base"), tune_llm="lora", lora_r=4)
-    model, processor = load_or_build(model_args, DataArguments(num_frames=4), seed=0, training_args=args)
-    frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
-    assert {p.dtype for p in unwrap(model).model.vision_tower.parameters()} == {frozen_dtype}
-    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert {p.dtype for p in trainable.values()} == {torch.float32}
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    trainer = Trainer(model=model, args=args, train_dataset=features(processor), data_collator=VideoCollator(processor))
-    trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
-    after = dict(model.named_parameters())
-    assert any(not torch.equal(after[n].detach().cpu(), v.cpu()) for n, v in trainable.items() if "lora_B" in n)
-    assert all(torch.equal(after[n].detach().cpu(), v.cpu()) for n, v in frozen.items())
+def test_device_defaults_train_in_bf16_with_fp32_trainables(saved_model, tmp_path):
+    """The defaults of `videollm.train.hardware` on this GPU: bf16 autocast on where the GPU supports it, frozen weights
+    stored in bf16, LoRA and the projector in fp32; two Trainer steps change only the trainable weights."""
+    assert VideoSFTConfig(output_dir=str(tmp_path), report_to="none").bf16 is torch.cuda.is_bf16_supported()
+    train_two_steps_with_the_defaults(saved_model, tmp_path)

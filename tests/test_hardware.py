@@ -22,7 +22,7 @@ from videollm.train.hardware import Hardware, out_of_memory_advice, upcast_train
 from videollm.train.setup import load_or_build, training_failures_as_errors
 from videollm.train.sft import VideoSFTConfig, VideoSFTTrainer
 
-from test_packing import make_video
+from test_packing import features, make_video
 
 CPU = Hardware(cuda=False, bf16=False, flash_attn=False)
 GPU = Hardware(cuda=True, bf16=True, flash_attn=False)
@@ -60,7 +60,8 @@ def test_mixed_precision_default(hardware, bf16, fp16, expected):
 def test_weights_dtype_default():
     assert GPU.frozen_weights_dtype(None, bf16_training=True) == torch.bfloat16
     assert GPU.frozen_weights_dtype(None, bf16_training=False) is None
-    assert CPU.frozen_weights_dtype(None, bf16_training=True) is None  # CPU bf16 autocast keeps fp32 weights
+    assert CPU.frozen_weights_dtype(None, bf16_training=True) == torch.bfloat16  # no per-step cast under autocast
+    assert CPU.frozen_weights_dtype(None, bf16_training=False) is None
     assert GPU.frozen_weights_dtype(torch.float16, bf16_training=True) == torch.float16
 
 
@@ -93,23 +94,14 @@ def test_configs_turn_bf16_on_where_the_gpu_supports_it(tmp_path, monkeypatch):
     assert seen == [True, True]
 
 
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    """A tiny checkpoint to start LoRA from (LoRA needs pretrained frozen parts)."""
-    torch.manual_seed(0)
-    model, processor = build_tiny_model_and_processor("pool", sampling=SamplingSpec(num_frames=4))
-    path = tmp_path_factory.mktemp("base")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
-def test_bf16_on_a_gpu_stores_frozen_weights_in_bf16_and_trains_fp32(saved_model, tmp_path):
-    """The default for bf16 training on a GPU: the tower and the LLM under LoRA in bf16 (half the memory), LoRA and the
-    projector in fp32 for the optimizer; a step under bf16 autocast gives fp32 gradients to exactly those."""
+@pytest.mark.parametrize("hardware", [GPU, CPU], ids=["gpu", "cpu"])
+def test_bf16_training_stores_frozen_weights_in_bf16_and_trains_fp32(saved_model, tmp_path, hardware):
+    """The default for bf16 training, on a GPU or a CPU: the tower and the LLM under LoRA in bf16 (half the memory, no
+    cast per step), LoRA and the projector in fp32 for the optimizer; a step under bf16 autocast gives fp32 gradients to
+    exactly those."""
     training_args = VideoSFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=True, report_to="none")
     model_args = ModelArguments(model_name_or_path=str(saved_model), tune_llm="lora", tune_projector="full", lora_r=4)
-    model, processor = load_or_build(model_args, DataArguments(), seed=0, training_args=training_args, hardware=GPU)
+    model, processor = load_or_build(model_args, DataArguments(), seed=0, training_args=training_args, hardware=hardware)
     base = unwrap(model)
     assert {p.dtype for p in base.model.vision_tower.parameters()} == {torch.bfloat16}
     frozen_llm = {p.dtype for n, p in base.model.language_model.named_parameters() if "lora_" not in n}
@@ -124,6 +116,36 @@ def test_bf16_on_a_gpu_stores_frozen_weights_in_bf16_and_trains_fp32(saved_model
         model(**batch).loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def train_two_steps_with_the_defaults(base: Path, tmp_path: Path, **config) -> None:
+    """Two Trainer steps from `base` with the device defaults (and `config` on top): the frozen weights in bf16 when
+    training in bf16, the trainable ones in fp32; the loss is finite and only the trainable weights change."""
+    from transformers import Trainer
+
+    args = VideoSFTConfig(
+        output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, **config,
+    )  # fmt: skip
+    model_args = ModelArguments(model_name_or_path=str(base), tune_llm="lora", lora_r=4)
+    model, processor = load_or_build(model_args, DataArguments(num_frames=4), seed=0, training_args=args)
+    frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    assert {p.dtype for p in unwrap(model).model.vision_tower.parameters()} == {frozen_dtype}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in trainable.values()} == {torch.float32}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainer = Trainer(model=model, args=args, train_dataset=features(processor), data_collator=VideoCollator(processor))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    after = dict(model.named_parameters())
+    assert any(not torch.equal(after[n].detach().cpu(), v.cpu()) for n, v in trainable.items() if "lora_B" in n)
+    assert all(torch.equal(after[n].detach().cpu(), v.cpu()) for n, v in frozen.items())
+
+
+def test_bf16_trainer_steps_on_the_cpu(saved_model, tmp_path):
+    """`bf16: true` on a CPU (the fast path where it has bf16 matmul units): bf16 frozen weights, fp32 trainables."""
+    train_two_steps_with_the_defaults(saved_model, tmp_path, use_cpu=True, bf16=True)
 
 
 def test_explicit_model_dtype_is_kept_for_every_weight(saved_model, tmp_path):
