@@ -27,6 +27,7 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
+from timing import device_name
 
 from videollm.data.sampling import SamplingSpec
 from videollm.data.video import FrameReader, available_backends, probe_video, read_video, write_video
@@ -105,17 +106,6 @@ def measure(cells: dict[str, Callable[[], object]], runs: int) -> tuple[dict[str
     )
 
 
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (Linux), else what `platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10, help="timed runs per cell (median reported)")
@@ -151,7 +141,7 @@ def main() -> None:
             for reader in by_spec.values():
                 reader.close()
 
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores), {platform.machine()}; torch {torch.__version__}, "
+    print(f"CPU: {device_name('cpu')} ({os.cpu_count()} cores), {platform.machine()}; torch {torch.__version__}, "
           f"PyAV {av.__version__}; load average before/after: {load_before} / {_load_average()}")
     print(f"median of {args.runs} runs, ms; every backend returned bit-identical frames\n")
     print("Wall time, in-process (`read_video`, no timeout) and through a warm `FrameReader` (timeout set):\n")
@@ -171,7 +161,7 @@ def main() -> None:
           "package): " + ", ".join(f"{b} {start_s[b]:.1f} s" for b in backends))
     if args.json:
         cells = [{"clip": clip, "sampling": name, "wall_ms": wall, "cpu_ms": cpu} for clip, name, wall, cpu in rows]
-        result = {"runs": args.runs, "cpu": cpu_model(), "cores": os.cpu_count(), "cells": cells, "reader_start_s": start_s}
+        result = {"runs": args.runs, "cpu": device_name("cpu"), "cores": os.cpu_count(), "cells": cells, "reader_start_s": start_s}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -40,7 +40,6 @@ import argparse
 import functools
 import itertools
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -53,7 +52,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-from timing import round_robin
+from timing import device_name, round_robin
 
 from videollm.data.dataset import ConversationDataset, VideoCollator
 from videollm.data.feature_cache import (
@@ -72,7 +71,7 @@ from videollm.data.video import write_video
 from videollm.model.attention import PACKED_SDPA
 from videollm.model.builder import build_model_and_processor
 from videollm.model.trainable import TrainablePolicy
-from videollm.train.hardware import Hardware
+from videollm.train.hardware import Hardware, upcast_trainable_parameters
 
 SO400M = {"hidden": 1152, "layers": 27, "heads": 16, "intermediate": 4304, "image": 384, "patch": 14}
 PRESETS = {
@@ -123,6 +122,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--gradient_checkpointing", action="store_true", help="recompute each LLM layer's activations in the backward"
     )
+    parser.add_argument(
+        "--mixed_precision", action="store_true",
+        help="train as the recipes do with bf16: trained parameters in fp32, frozen ones in --dtype, each step under "
+        "autocast to --dtype (default: every weight in --dtype, no autocast)",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     return parser.parse_args()
 
@@ -162,7 +166,7 @@ def build_ours(preset: dict, args: argparse.Namespace):
     model.model.language_model.requires_grad_(False)
     model.lm_head.requires_grad_(False)
     model = get_peft_model(model, policy.lora_config())
-    return with_checkpointing(model.to(args.device, dtype), args), processor
+    return with_precision(with_checkpointing(model.to(args.device, dtype), args), args), processor
 
 
 def build_peer(preset: dict, args: argparse.Namespace, video_token_id: int, image_token_id: int):
@@ -179,12 +183,19 @@ def build_peer(preset: dict, args: argparse.Namespace, video_token_id: int, imag
         r=preset["lora_r"], lora_alpha=2 * preset["lora_r"], lora_dropout=0.05,
         target_modules=rf".*\.language_model\..*\.({'|'.join(LORA_TARGETS)})", modules_to_save=["multi_modal_projector"],
     )  # fmt: skip
-    return with_checkpointing(get_peft_model(model, lora).to(args.device, dtype), args)
+    return with_precision(with_checkpointing(get_peft_model(model, lora).to(args.device, dtype), args), args)
 
 
 def with_checkpointing(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def with_precision(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """With --mixed_precision, the recipes' weights: what trains in fp32 (the optimizer's master copy)."""
+    if args.mixed_precision:
+        upcast_trainable_parameters(model)
     return model
 
 
@@ -271,8 +282,13 @@ def peak_tflops(args: argparse.Namespace) -> float | None:
 
 
 # ---- timing ---------------------------------------------------------------------------------------------------------
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict) -> None:
-    model(**batch).loss.backward()
+def train_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict, autocast: torch.dtype | None = None
+) -> None:
+    device = next(model.parameters()).device.type
+    with torch.autocast(device, dtype=autocast or torch.float32, enabled=autocast is not None):
+        loss = model(**batch).loss
+    loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -325,6 +341,7 @@ def step_table(preset: dict, args: argparse.Namespace) -> list[dict]:
             cached = encode_videos(ours, frames, [preset["frames"]] * len(samples), "tower")
         return [{**s, "pixel_values_videos": None, "video_frame_features": c} for s, c in zip(samples, cached)]
 
+    autocast = dtype if args.mixed_precision else None
     variants = {}
     ours_optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-5)
     for name in names:
@@ -334,10 +351,10 @@ def step_table(preset: dict, args: argparse.Namespace) -> list[dict]:
             peer = build_peer(preset, args, processor.video_token_id, image_token).train()
             peer_optimizer = torch.optim.AdamW([p for p in peer.parameters() if p.requires_grad], lr=1e-5)
             batch = on(peer_batch(samples, processor), args.device, dtype)
-            variants[name] = lambda m=peer, o=peer_optimizer, b=batch: train_step(m, o, b)
+            variants[name] = lambda m=peer, o=peer_optimizer, b=batch: train_step(m, o, b, autocast)
         else:
             batch = on(collators[name](), args.device, dtype)
-            variants[name] = lambda b=batch: train_step(ours, ours_optimizer, b)
+            variants[name] = lambda b=batch: train_step(ours, ours_optimizer, b, autocast)
     if args.profile:
         profile(variants)
     times = round_robin(variants, args.device, args.steps)
@@ -433,7 +450,7 @@ def e2e_table(preset: dict, args: argparse.Namespace, count: int) -> tuple[list[
                 start = time.perf_counter()
                 batch = on(collator([dataset[next(positions) % len(dataset)] for _ in range(batch_size)]), args.device, dtype)
                 fetches.append(time.perf_counter() - start)
-                train_step(trained, trained_optimizer, batch)
+                train_step(trained, trained_optimizer, batch, dtype if args.mixed_precision else None)
 
             return iteration
 
@@ -475,8 +492,8 @@ def main() -> None:
         preset["llm"]["vocab"] = args.vocab_size
     llm, vision = preset["llm"], preset["vision"]
     header = (
-        f"{date.today()}, device {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.processor() or 'cpu'}), "
-        f"{torch.get_num_threads()} threads, {preset['dtype']}, attn {args.attn}; preset {args.preset}: LLM {llm['layers']}x{llm['hidden']} "
+        f"{date.today()}, device {args.device} ({device_name(args.device)}), "
+        f"{torch.get_num_threads()} threads, {preset['dtype']}{' mixed precision' if args.mixed_precision else ''}, attn {args.attn}; preset {args.preset}: LLM {llm['layers']}x{llm['hidden']} "
         f"vocab {llm['vocab']}, vision {vision['layers']}x{vision['hidden']} at {vision['image']}px/patch {vision['patch']}, "
         f"{preset['frames']} frames, batch {preset['batch']}, answers {preset['answers'][0]}-{preset['answers'][1]} tokens, "
         f"LoRA r={preset['lora_r']}{', gradient checkpointing' if args.gradient_checkpointing else ''}; median of {args.steps} steps"

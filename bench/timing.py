@@ -1,13 +1,28 @@
-"""What the benchmarks share: the model-shape flags, and round-robin timing (a change of machine load affects every
-variant alike)."""
+"""What the benchmarks share: the model-shape flags, the device's name for the results, and round-robin timing (a change
+of machine load affects every variant alike)."""
 
 from __future__ import annotations
 
 import argparse
+import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo (Linux), else what `platform` knows."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def round_robin(variants: dict[str, Callable[[], None]], device: str, steps: int, warmup: int = 2) -> dict[str, list[float]]:
