@@ -250,6 +250,15 @@ def test_a_seeded_random_build_with_the_tower_cut_is_the_model_the_full_tower_ga
         assert torch.equal(cut.model.encode_frames(frames), expected)
 
 
+@pytest.mark.parametrize("feature_layer", [-1, -2], ids=["whole tower", "tower cut"])
+def test_a_random_build_takes_the_dtype_asked_for_in_every_part(feature_layer):
+    """bf16 training builds its frozen parts in bf16: the tower of a model built from configs (tiny, bench presets)
+    included, which used to stay fp32."""
+    model, _ = build_tiny_model_and_processor(vision_feature_layer=feature_layer, dtype=torch.bfloat16)
+    assert {name.split(".")[1] for name, _ in model.named_parameters()} >= {"vision_tower", "projector", "language_model"}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
 @pytest.mark.parametrize("family", ["siglip", "clip"])
 def test_tower_layers_after_the_feature_layer_are_dropped_and_features_unchanged(tmp_path, family):
     from transformers import AutoModel

@@ -63,13 +63,13 @@ def _load_vision_tower(
 ):
     if not isinstance(vision, (str, Path)):
         full_config = resolve_vision_config(vision)
-        full = AutoModel.from_config(full_config)
+        full = AutoModel.from_config(full_config, dtype=dtype)
         if getattr(full_config, "num_hidden_layers", None) == getattr(config, "num_hidden_layers", None):
             return full
         # A random tower with layers cut is the first layers of a random full tower: a seeded build gives the same
         # weights, features and (the random stream moving on as before) the same LLM as one that kept every layer.
         with torch.random.fork_rng(devices=[]):
-            tower = AutoModel.from_config(config)
+            tower = AutoModel.from_config(config, dtype=dtype)
         missing = tower.load_state_dict(full.state_dict(), strict=False).missing_keys
         if missing:
             raise RuntimeError(f"vision tower: cutting layers left weights without a value: {missing}")
