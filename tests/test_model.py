@@ -149,6 +149,20 @@ def test_save_and_auto_load_gives_identical_logits(tmp_path, projector_type):
     assert reloaded_processor.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
 
 
+def test_a_checkpoint_of_mixed_dtypes_loads_every_weight_as_saved(tmp_path):
+    """After bf16 training the frozen tower is bf16 and what trained is fp32: loading without a dtype gives back the
+    fp32 weights unrounded (transformers would load all of them in the dtype of the model's first weight, bf16)."""
+    torch.manual_seed(0)
+    model, processor = build_tiny_model_and_processor("mlp")
+    model.model.vision_tower.to(torch.bfloat16)
+    save_checkpoint(model, processor, tmp_path)
+    reloaded, _ = load_model(tmp_path)
+    saved = model.state_dict()
+    for name, value in reloaded.state_dict().items():
+        assert value.dtype == torch.float32, name
+        assert torch.equal(value, saved[name].float()), name
+
+
 def test_label_masking_two_turns():
     _, processor = build_tiny_model_and_processor("pool", sampling=SamplingSpec(num_frames=4))
     tokenizer = processor.tokenizer

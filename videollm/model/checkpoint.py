@@ -10,6 +10,7 @@ A checkpoint directory always holds the processor and `config.json`, plus either
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -41,9 +42,23 @@ def save_checkpoint(
     model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=is_main_process)
     if not is_main_process:
         return
-    unwrap(model).config.save_pretrained(output_dir)
+    config = copy.deepcopy(unwrap(model).config)
+    # transformers loads every weight in the config's dtype unless told otherwise, and writes there the dtype of the
+    # model's first weight. After bf16 training that is the frozen tower's bf16, and the fp32 weights that trained
+    # would load rounded to bf16; the widest stored dtype loads every weight as it was saved.
+    stored = widest_float_dtype(state_dict if state_dict is not None else model.state_dict())
+    for part in [config, *(getattr(config, key) for key in config.sub_configs)]:
+        if part is not None and stored is not None:
+            part.dtype = stored
+    config.save_pretrained(output_dir)
     if processor is not None:
         processor.save_pretrained(output_dir)
+
+
+def widest_float_dtype(weights: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The floating dtype of most bits among `weights` (None if there is none)."""
+    dtypes = {tensor.dtype for tensor in weights.values() if tensor.is_floating_point()}
+    return max(dtypes, key=lambda dtype: torch.finfo(dtype).bits, default=None)
 
 
 def is_adapter_checkpoint(path: str | Path) -> bool:
