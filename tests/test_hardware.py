@@ -59,9 +59,9 @@ def test_mixed_precision_default(hardware, bf16, fp16, expected):
 
 def test_weights_dtype_default():
     assert GPU.frozen_weights_dtype(None, bf16_training=True) == torch.bfloat16
-    assert GPU.frozen_weights_dtype(None, bf16_training=False) is None
+    assert GPU.frozen_weights_dtype(None, bf16_training=False) == torch.float32
     assert CPU.frozen_weights_dtype(None, bf16_training=True) == torch.bfloat16  # no per-step cast under autocast
-    assert CPU.frozen_weights_dtype(None, bf16_training=False) is None
+    assert CPU.frozen_weights_dtype(None, bf16_training=False) == torch.float32
     assert GPU.frozen_weights_dtype(torch.float16, bf16_training=True) == torch.float16
 
 
@@ -152,6 +152,19 @@ def test_explicit_model_dtype_is_kept_for_every_weight(saved_model, tmp_path):
     model_args = ModelArguments(model_name_or_path=str(saved_model), tune_llm="lora", model_dtype="bfloat16", lora_r=4)
     model, _ = load_or_build(model_args, DataArguments(), seed=0, hardware=CPU)
     assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+
+
+def test_fp32_training_of_a_bf16_checkpoint_loads_it_in_fp32(tmp_path):
+    """Real checkpoints are often stored in bf16 (Qwen2.5): fp32 training still gets fp32 frozen weights, not the
+    stored dtype that transformers would pick."""
+    torch.manual_seed(0)
+    model, processor = build_tiny_model_and_processor("pool", sampling=SamplingSpec(num_frames=4), dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    training_args = VideoSFTConfig(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none")
+    model_args = ModelArguments(model_name_or_path=str(tmp_path / "base"), tune_llm="lora", lora_r=4)
+    loaded, _ = load_or_build(model_args, DataArguments(), seed=0, training_args=training_args, hardware=CPU)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
 
 
 def test_fp32_training_keeps_fp32_weights(saved_model, tmp_path):

@@ -8,8 +8,8 @@ same YAML serves a CPU and a GPU:
   the matmuls on the CPU's bf16 units where it has them (Intel AMX: SFT steps 1.96x
   faster at the 0.5B shapes, bench/RESULTS.md);
 - weights: frozen parts (vision tower, the LLM under LoRA) stored in bf16 when training in bf16, which halves their
-  memory and spares autocast a cast of every frozen weight in every step, while every parameter that trains stays
-  fp32 for the optimizer;
+  memory and spares autocast a cast of every frozen weight in every step, and in fp32 otherwise, whatever dtype the
+  checkpoint was saved in; every parameter that trains stays fp32 for the optimizer;
 - attention: flash-attention 2 on a GPU when the flash-attn package is installed, else sdpa, and with packing
   `sdpa_packed` (per-sample attention on packed rows, see `videollm.model.attention`);
 - activation checkpointing: off unless asked for (TRL turns it on everywhere): it recomputes the forward in the
@@ -59,11 +59,12 @@ class Hardware:
             return bf16
         return self.bf16 and not fp16
 
-    def frozen_weights_dtype(self, model_dtype: torch.dtype | None, bf16_training: bool) -> torch.dtype | None:
-        """The dtype the model is built or loaded in: as configured, else bf16 for bf16 training (GPU or CPU)."""
+    def frozen_weights_dtype(self, model_dtype: torch.dtype | None, bf16_training: bool) -> torch.dtype:
+        """The dtype the model is built or loaded in: as configured, else bf16 for bf16 training (GPU or CPU) and fp32
+        otherwise, whatever dtype the checkpoint was stored in (Qwen2.5's is bf16)."""
         if model_dtype is not None:
             return model_dtype
-        return torch.bfloat16 if bf16_training else None
+        return torch.bfloat16 if bf16_training else torch.float32
 
 
 def out_of_memory_advice(
