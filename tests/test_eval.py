@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import videollm  # noqa: F401  (registers the Auto classes)
 from videollm.data.sampling import SamplingSpec
@@ -89,6 +90,26 @@ def test_eval_writes_summary_and_predictions(checkpoint_and_data, tmp_path, shuf
         (indices,) = prediction["frame_indices"]
         assert sorted(indices) == list(range(8))
         assert (indices != sorted(indices)) is shuffle
+
+
+def test_eval_runs_in_the_dtype_asked_for(checkpoint_and_data, tmp_path, monkeypatch):
+    import videollm.eval.__main__ as eval_module
+
+    checkpoint, data = checkpoint_and_data
+    seen = []
+    evaluate = eval_module.evaluate
+
+    def spy(model, *args, **kwargs):
+        seen.append({(p.device.type, p.dtype) for p in model.parameters()})
+        return evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(eval_module, "evaluate", spy)
+    output = tmp_path / "eval.json"
+    argv = ["--model", str(checkpoint), "--data", str(data / "test.jsonl"), "--video_root", str(data),
+            "--output", str(output), "--max_new_tokens", "4", "--device", "cpu", "--dtype", "bfloat16"]  # fmt: skip
+    eval_main(argv)
+    assert seen == [{("cpu", torch.bfloat16)}]
+    assert json.loads(output.read_text())["num_samples"] == 9
 
 
 def test_eval_rejects_a_missing_model_with_one_line(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""The GPU-only code paths: bf16 training, Liger's fused loss, packing with flash-attention's varlen kernel.
+"""The GPU-only code paths: bf16 training, Liger's fused loss, packing with flash-attention's varlen kernel, the
+inference front ends' default of the GPU in bf16.
 
 CI has no GPU, so these skip there; `bench/gpu_checks.sh` runs them on a lent GPU machine. The CPU suite checks the
 same behaviour in fp32 (tests/test_loss.py, tests/test_packing.py); these check that the CUDA kernels agree with it.
@@ -11,12 +12,15 @@ import importlib.util
 import pytest
 import torch
 from test_hardware import train_two_steps_with_the_defaults
-from test_packing import features, loss_and_grads
+from test_packing import features, loss_and_grads, make_video
 from torch import nn
 
 from videollm.data.dataset import VideoCollator
 from videollm.data.packing import PackingCollator
 from videollm.data.sampling import SamplingSpec
+from videollm.infer.generate import GenerationSettings
+from videollm.infer.placement import PlacementArguments
+from videollm.infer.session import InferenceEngine
 from videollm.model.loss import causal_lm_loss
 from videollm.model.presets import build_tiny_model_and_processor
 from videollm.train.sft import VideoSFTConfig
@@ -98,3 +102,14 @@ def test_device_defaults_train_in_bf16_with_fp32_trainables(saved_model, tmp_pat
     stored in bf16, LoRA and the projector in fp32; two Trainer steps change only the trainable weights."""
     assert VideoSFTConfig(output_dir=str(tmp_path), report_to="none").bf16 is torch.cuda.is_bf16_supported()
     train_two_steps_with_the_defaults(saved_model, tmp_path)
+
+
+def test_inference_defaults_to_the_gpu_in_bf16(saved_model):
+    """`--device auto --dtype auto` of the front ends on this GPU: the model on it in bf16, answers generated."""
+    device, dtype = PlacementArguments().resolve()
+    assert device.type == CUDA and dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
+    engine = InferenceEngine.from_checkpoint(saved_model, device, dtype)
+    assert {(p.device.type, p.dtype) for p in engine.model.parameters()} == {(CUDA, dtype)}
+    messages = [{"role": "user", "content": "<video>\nWhat moves?"}]
+    answers = engine.generate([messages], [[make_video(4, 0)]], GenerationSettings(max_new_tokens=4))
+    assert len(answers) == 1 and isinstance(answers[0][0], str)

@@ -27,7 +27,7 @@ from videollm.data.dataset import record_messages
 from videollm.data.formats import ConversationRecord, DataValidationError, load_conversations, write_jsonl
 from videollm.data.video import DecodedVideo, VideoDecodeError
 from videollm.infer.generate import GenerationSettings, generate_answers
-from videollm.model.checkpoint import load_model
+from videollm.infer.placement import PlacementArguments, load_for_inference
 from videollm.selftrain.verifiers import RecordVerifiers
 
 
@@ -168,8 +168,9 @@ def print_table(summary: dict, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = HfArgumentParser([EvalArguments, GenerationSettings])
-    args, settings = parser.parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser([EvalArguments, PlacementArguments, GenerationSettings])
+    args, placement, settings = parser.parse_args_into_dataclasses(args=argv)
+    device, dtype = placement.resolve_or_exit()
     for name in ("model", "data"):
         if not Path(getattr(args, name)).exists():
             sys.exit(f"error: --{name}: {getattr(args, name)} does not exist")
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     except DataValidationError as error:
         sys.exit(f"error: invalid evaluation data:\n{error}")
     records = records[: args.limit] if args.limit else records
-    model, processor = load_model(args.model)
+    model, processor = load_for_inference(args.model, device, dtype)
 
     summary, predictions = evaluate(
         model, processor, records, settings, args.batch_size, args.shuffle_frames, args.seed, args.verifier

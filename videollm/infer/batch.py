@@ -27,6 +27,7 @@ from videollm.data.dataset import record_messages
 from videollm.data.formats import ConversationRecord, DataValidationError, iter_jsonl, load_conversations
 from videollm.data.video import VideoDecodeError
 from videollm.infer.generate import GenerationSettings
+from videollm.infer.placement import PlacementArguments
 from videollm.infer.session import InferenceEngine
 
 
@@ -130,8 +131,9 @@ def generate_dataset_answers(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = HfArgumentParser([BatchArguments, GenerationSettings])
-    args, settings = parser.parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser([BatchArguments, PlacementArguments, GenerationSettings])
+    args, placement, settings = parser.parse_args_into_dataclasses(args=argv)
+    device, dtype = placement.resolve_or_exit()
     for name in ("model", "data"):
         if not Path(getattr(args, name)).exists():
             sys.exit(f"error: --{name}: {getattr(args, name)} does not exist")
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     except DataValidationError as error:
         sys.exit(f"error: invalid data:\n{error}")
     records = records[: args.limit] if args.limit else records
-    engine = InferenceEngine.from_checkpoint(args.model)
+    engine = InferenceEngine.from_checkpoint(args.model, device, dtype)
     try:
         answered = generate_dataset_answers(engine, records, args.output, settings, args.batch_size, args.retry_errors)
     except ValueError as error:

@@ -20,6 +20,7 @@ from transformers import HfArgumentParser
 
 from videollm.data.video import VideoDecodeError
 from videollm.infer.generate import GenerationSettings
+from videollm.infer.placement import PlacementArguments
 from videollm.infer.session import ChatSession, InferenceEngine, describe_frames
 
 USER_PROMPT = "user: "
@@ -110,8 +111,9 @@ class ChatCLI:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = HfArgumentParser([ChatArguments, GenerationSettings])
-    args, settings = parser.parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser([ChatArguments, PlacementArguments, GenerationSettings])
+    args, placement, settings = parser.parse_args_into_dataclasses(args=argv)
+    device, dtype = placement.resolve_or_exit()
     if not Path(args.model).exists():
         sys.exit(f"error: --model: {args.model} does not exist")
     if args.video is not None and not Path(args.video).exists():
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     if settings.num_return_sequences != 1:
         sys.exit("error: --num_return_sequences: the chat streams one answer; use 1")
     try:
-        engine = InferenceEngine.from_checkpoint(args.model)
+        engine = InferenceEngine.from_checkpoint(args.model, device, dtype)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: --model: {error}")
     cli = ChatCLI(ChatSession(engine, system=args.system), settings)

@@ -18,6 +18,7 @@ import numpy as np
 
 from videollm.data.video import VideoDecodeError
 from videollm.infer.generate import GenerationSettings
+from videollm.infer.placement import PlacementArguments
 from videollm.infer.session import ChatSession, InferenceEngine, describe_frames
 
 # Gradio's default theme loads fonts from the web; this machine (and many servers) has no route there.
@@ -146,12 +147,13 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, ma
 def main(argv: list[str] | None = None) -> None:
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser([DemoArguments, GenerationSettings])
-    args, settings = parser.parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser([DemoArguments, PlacementArguments, GenerationSettings])
+    args, placement, settings = parser.parse_args_into_dataclasses(args=argv)
+    device, dtype = placement.resolve_or_exit()
     if not Path(args.model).exists():
         sys.exit(f"error: --model: {args.model} does not exist")
     try:
-        engine = InferenceEngine.from_checkpoint(args.model)
+        engine = InferenceEngine.from_checkpoint(args.model, device, dtype)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: --model: {error}")
     launch(build_demo(engine, settings), args.host, args.port, args.max_upload_mb)

@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from videollm.data.video import DecodedVideo
 from videollm.infer.generate import GenerationSettings
 from videollm.infer.media import MediaError, load_video_reference
+from videollm.infer.placement import PlacementArguments
 from videollm.infer.session import InferenceEngine
 
 
@@ -302,8 +303,9 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser([ServeArguments, GenerationSettings])
-    args, settings = parser.parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser([ServeArguments, PlacementArguments, GenerationSettings])
+    args, placement, settings = parser.parse_args_into_dataclasses(args=argv)
+    device, dtype = placement.resolve_or_exit()
     if not Path(args.model).exists():
         sys.exit(f"error: --model: {args.model} does not exist")
     if args.media_root is not None and not Path(args.media_root).is_dir():
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_upload_mb <= 0:
         sys.exit(f"error: --max_upload_mb must be > 0, got {args.max_upload_mb}")
     try:
-        engine = InferenceEngine.from_checkpoint(args.model)
+        engine = InferenceEngine.from_checkpoint(args.model, device, dtype)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: --model: {error}")
     name = args.served_model_name or Path(args.model).resolve().name

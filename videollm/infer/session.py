@@ -20,7 +20,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.video import DecodedVideo
 from videollm.infer.generate import GenerationSettings, generate_answers
-from videollm.model.checkpoint import load_model
+from videollm.infer.placement import load_for_inference
 
 
 class InferenceEngine:
@@ -32,10 +32,12 @@ class InferenceEngine:
         self.lock = threading.Lock()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, dtype: torch.dtype | None = None) -> InferenceEngine:
-        """Load a full or adapter checkpoint (LoRA adapters are merged for speed)."""
-        model, processor = load_model(path, dtype=dtype, merge=True)
-        return cls(model, processor)
+    def from_checkpoint(
+        cls, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> InferenceEngine:
+        """Load a full or adapter checkpoint (LoRA adapters are merged for speed) on `device`, in `dtype` (None: as
+        saved); `PlacementArguments` gives both from the command line."""
+        return cls(*load_for_inference(path, device, dtype))
 
     def load_video(self, source: str | Path) -> DecodedVideo:
         """Decode the frames the checkpoint's sampling spec selects (what training saw for the same file)."""
