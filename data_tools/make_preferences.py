@@ -23,7 +23,7 @@ from transformers import HfArgumentParser
 
 from videollm.data.formats import DataValidationError, load_labelled, write_jsonl
 from videollm.infer.generate import GenerationSettings
-from videollm.model.checkpoint import load_model
+from videollm.infer.placement import PlacementArguments, load_for_inference
 from videollm.selftrain import (
     PairFilter,
     exclusive_class_verifiers,
@@ -74,9 +74,11 @@ class BuildArguments:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = HfArgumentParser([BuildArguments, GenerationSettings], description=__doc__.splitlines()[0])
+    description = __doc__.splitlines()[0]
+    parser = HfArgumentParser([BuildArguments, PlacementArguments, GenerationSettings], description=description)
     try:
-        args, settings = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+        args, placement, settings = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+        device, dtype = placement.resolve()
         records = load_labelled(args.input, video_root=args.video_root)
     except (ValueError, DataValidationError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -92,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.manual_seed(args.seed)
-    model, processor = load_model(args.model, merge=True)
+    model, processor = load_for_inference(args.model, device, dtype)
     answer = model_answerer(model, processor, settings)
     common = dict(load_video=processor.load_video, seed=args.seed, video_root=args.video_root, batch_size=args.batch_size)
     if args.mode == "perturb":

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -89,3 +91,13 @@ def test_an_engine_loads_in_the_dtype_asked_for_and_answers(checkpoint, engine):
     assert torch.allclose(bf16_logits, fp32_logits, atol=0.05 * fp32_logits.abs().max().item())
     answers = bf16_engine.generate([messages], [[make_video(3, 0)]], GenerationSettings(max_new_tokens=4))
     assert len(answers) == 1 and len(answers[0]) == 1 and isinstance(answers[0][0], str)
+
+
+def test_make_preferences_names_a_missing_gpu(monkeypatch, capsys):
+    """`data_tools/make_preferences.py` generates with a model too: the same flags, its own error convention."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "data_tools"))
+    from make_preferences import main
+
+    on_a_machine(monkeypatch, gpus=0)
+    assert main(["--model", "m", "--input", "i", "--output", "o", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.startswith("error: --device: cuda asked for, but torch")

@@ -1,5 +1,5 @@
-"""Where and in which dtype a checkpoint runs for inference: the chat CLI, batch generation, the server, the demo and
-the evaluator all take `--device` and `--dtype` from here.
+"""Where and in which dtype a checkpoint runs for inference: the chat CLI, batch generation, the server, the demo, the
+evaluator and `data_tools/make_preferences.py` all take `--device` and `--dtype` from here.
 
 Left at `auto`, a checkpoint runs on the GPU when torch sees one, in bf16 where the GPU supports it (fp32 on older
 GPUs), and on the CPU in fp32, which gives the same numbers on every CPU; the same defaults as training
