@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -125,3 +126,40 @@ def test_two_process_deepspeed_zero2_on_cpu(synthetic, tmp_path):
     stdout = _two_rank_run(synthetic, tmp_path / "out", launcher)
     assert "zero_stage=2" in stdout
     load_model(tmp_path / "out")
+
+
+def test_two_process_deepspeed_zero3_from_pretrained_parts_on_cpu(synthetic, tmp_path):
+    """ZeRO-3 partitions every weight as it is built: the model assembled from a pretrained tower and LLM (embeddings
+    grown for the video token) trains with LoRA on 2 ranks, and the saved model holds the tower and the old
+    embedding rows unchanged, the new row their mean."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from videollm.data.tokenizer import build_tiny_tokenizer
+    from videollm.model.presets import tiny_text_config, tiny_vision_config
+
+    torch.manual_seed(0)
+    tokenizer = build_tiny_tokenizer()
+    tower = AutoModel.from_config(tiny_vision_config("siglip", image_size=32))
+    llm = AutoModelForCausalLM.from_config(tiny_text_config(len(tokenizer) - 1))  # no row for the video token yet
+    tower.save_pretrained(tmp_path / "siglip")
+    llm.save_pretrained(tmp_path / "qwen")
+    tokenizer.save_pretrained(tmp_path / "qwen")
+    launcher = [str(VENV_BIN / "accelerate"), "launch", "--config_file", "launch/cpu_2proc_zero3.yaml"]
+    parts = ["--tiny", "false", "--vision_name_or_path", str(tmp_path / "siglip"), "--llm_name_or_path",
+             str(tmp_path / "qwen"), "--tune_llm", "lora", "--lora_r", "8"]  # fmt: skip
+    result = run([*launcher, *sft_args(synthetic, tmp_path / "out", "--max_steps", "6", "--learning_rate", "3e-3",
+                                       "--warmup_steps", "0", "--per_device_train_batch_size", "2", *parts)], timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "zero_stage=3" in result.stdout
+    assert sorted(re.findall(r"rank (\d) of (\d) finished after (\d+) steps", result.stdout)) == [("0", "2", "6"), ("1", "2", "6")]
+    losses = logged_losses(tmp_path / "out")
+    assert len(losses) == 6 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+
+    trained, _ = load_model(tmp_path / "out", merge=True)
+    pretrained_tower = tower.state_dict()
+    for name, value in trained.model.vision_tower.state_dict().items():  # the layers kept (those up to the feature layer)
+        assert torch.equal(value, pretrained_tower[name]), name
+    embeddings = trained.get_input_embeddings().weight.detach()
+    old = llm.get_input_embeddings().weight.detach()
+    assert embeddings.shape[0] == len(tokenizer) and torch.equal(embeddings[:-1], old)
+    assert torch.allclose(embeddings[-1], old.mean(0), atol=1e-6)

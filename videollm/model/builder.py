@@ -6,6 +6,7 @@ directory loaded with its pretrained weights; a part given as a config is built 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -13,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from videollm.data.processor import CLIP_MEAN_STD, SIGLIP_MEAN_STD, VideoLLMProcessor
@@ -70,7 +73,8 @@ def _load_vision_tower(
         # weights, features and (the random stream moving on as before) the same LLM as one that kept every layer.
         with torch.random.fork_rng(devices=[]):
             tower = AutoModel.from_config(config, dtype=dtype)
-        missing = tower.load_state_dict(full.state_dict(), strict=False).missing_keys
+        with _whole_weights(full, tower):
+            missing = tower.load_state_dict(full.state_dict(), strict=False).missing_keys
         if missing:
             raise RuntimeError(f"vision tower: cutting layers left weights without a value: {missing}")
         return tower
@@ -78,6 +82,16 @@ def _load_vision_tower(
     return tower_class.from_pretrained(
         str(vision), config=config, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )
+
+
+def _whole_weights(*modules: nn.Module) -> contextlib.AbstractContextManager:
+    """Under DeepSpeed ZeRO-3, where every rank holds a slice of each weight, the whole weights of `modules` for the
+    block, with rank 0's changes kept when it ends; elsewhere the weights are whole already."""
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([p for module in modules for p in module.parameters()], modifier_rank=0)
 
 
 def _vision_mean_std(vision: str | PretrainedConfig, config: PretrainedConfig) -> tuple[list[float], list[float]]:
@@ -95,11 +109,11 @@ def resize_vocab_deterministically(model: VideoLLMForConditionalGeneration, voca
     transformers samples new rows at random; a mean keeps a LoRA checkpoint's rebuilt base bit-identical to the
     base it was trained on.
     """
-    old_size = model.get_input_embeddings().weight.shape[0]
+    old_size = model.get_input_embeddings().num_embeddings  # the weight's own shape is empty under ZeRO-3
     if vocab_size <= old_size:
         return
     model.resize_token_embeddings(vocab_size, mean_resizing=False)
-    with torch.no_grad():
+    with _whole_weights(model.get_input_embeddings(), model.get_output_embeddings()), torch.no_grad():
         for weights in {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
             weights[old_size:] = weights[:old_size].mean(0, keepdim=True)
     model.config.text_config.vocab_size = vocab_size
@@ -175,10 +189,13 @@ def _assemble(
     dtype: torch.dtype | None,
     trust_remote_code: bool = False,
 ) -> VideoLLMForConditionalGeneration:
-    """Skeleton on the meta device, then the real parts slotted in: no weights are allocated twice."""
-    with torch.device("meta"):
-        model = VideoLLMForConditionalGeneration(config)
-    model.model.vision_tower = _load_vision_tower(vision, config.vision_config, dtype, trust_remote_code)
+    """The model around its parts: each part is built or loaded once, in `dtype`.
+
+    The parts are passed to the model's constructor rather than slotted into a model built from the config: under
+    DeepSpeed ZeRO-3 a model built from the config partitions and initialises every part first, and the tower and LLM
+    loaded here are already partitioned by their own `from_pretrained`.
+    """
+    vision_tower = _load_vision_tower(vision, config.vision_config, dtype, trust_remote_code)
     if isinstance(text, (str, Path)):
         # The checkpoint's embeddings have its own vocabulary size; the caller grows them to the tokenizer's.
         checkpoint_config = copy.deepcopy(config.text_config)
@@ -187,15 +204,29 @@ def _assemble(
         llm = AutoModelForCausalLM.from_pretrained(
             str(text), config=checkpoint_config, dtype=dtype, use_safetensors=True, **remote
         )
-        llm.config = config.text_config
-        getattr(llm, llm.base_model_prefix).config = config.text_config
     else:
         llm = AutoModelForCausalLM.from_config(config.text_config, dtype=dtype)
-    model.model.language_model = getattr(llm, llm.base_model_prefix)
-    model.lm_head = llm.get_output_embeddings()
-    model.model.projector = build_projector(config)
+    # Each part resolved its attention kernel (the one asked for, else its default) on its own config; the model's
+    # config, which the LLM runs with from here on, records the same.
+    config._attn_implementation = {
+        "vision_config": vision_tower.config._attn_implementation,
+        "text_config": llm.config._attn_implementation,
+    }
+    llm.config = config.text_config
+    getattr(llm, llm.base_model_prefix).config = config.text_config
+    projector = build_projector(config)
     if dtype is not None:
-        model.model.projector.to(dtype)
+        projector.to(dtype)
+    # Every part is given, so nothing new is allocated; on the meta device `post_init` also leaves the weights as
+    # built (elsewhere it would initialise them again, the projector's included).
+    with torch.device("meta"):
+        model = VideoLLMForConditionalGeneration(
+            config,
+            vision_tower=vision_tower,
+            projector=projector,
+            language_model=getattr(llm, llm.base_model_prefix),
+            lm_head=llm.get_output_embeddings(),
+        )
     if config.tie_word_embeddings:
         model.lm_head.weight = model.get_input_embeddings().weight
     return model

@@ -47,11 +47,19 @@ class VideoLLMPreTrainedModel(PreTrainedModel):
 class VideoLLMModel(VideoLLMPreTrainedModel):
     """Vision tower + projector + decoder-only LM body; returns hidden states, not logits."""
 
-    def __init__(self, config: VideoLLMConfig):
+    def __init__(
+        self,
+        config: VideoLLMConfig,
+        vision_tower: nn.Module | None = None,
+        projector: nn.Module | None = None,
+        language_model: nn.Module | None = None,
+    ):
+        """Parts not given are built from `config` (how `from_pretrained` creates the model before loading weights);
+        the builder passes the parts it loaded from pretrained checkpoints."""
         super().__init__(config)
-        self.vision_tower = AutoModel.from_config(config.vision_config)
-        self.projector = build_projector(config)
-        self.language_model = AutoModel.from_config(config.text_config)
+        self.vision_tower = vision_tower if vision_tower is not None else AutoModel.from_config(config.vision_config)
+        self.projector = projector if projector is not None else build_projector(config)
+        self.language_model = language_model if language_model is not None else AutoModel.from_config(config.text_config)
         # Where this run's visual input enters the vision path: None (pixels: the tower runs), or the level of a
         # feature cache ("tower": the projector runs on cached tower outputs; "projector": neither runs). Set by
         # `use_cached_vision`; the dummy forward of text-only batches follows it.
@@ -212,10 +220,14 @@ class VideoLLMForConditionalGeneration(VideoLLMPreTrainedModel, GenerationMixin)
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
-    def __init__(self, config: VideoLLMConfig):
+    def __init__(self, config: VideoLLMConfig, lm_head: nn.Module | None = None, **parts: nn.Module):
+        """`lm_head` and `parts` (`VideoLLMModel`'s `vision_tower`, `projector`, `language_model`) not given are built
+        from `config`."""
         super().__init__(config)
-        self.model = VideoLLMModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.model = VideoLLMModel(config, **parts)
+        self.lm_head = lm_head if lm_head is not None else nn.Linear(
+            config.text_config.hidden_size, config.text_config.vocab_size, bias=False
+        )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
