@@ -163,3 +163,36 @@ def test_two_process_deepspeed_zero3_from_pretrained_parts_on_cpu(synthetic, tmp
     old = llm.get_input_embeddings().weight.detach()
     assert embeddings.shape[0] == len(tokenizer) and torch.equal(embeddings[:-1], old)
     assert torch.allclose(embeddings[-1], old.mean(0), atol=1e-6)
+
+
+@pytest.mark.parametrize("recipe", ["recipes/star.py", "recipes/self_preference.py"])
+def test_self_training_on_two_processes_stops_before_writing(synthetic, saved_model, tmp_path, recipe):
+    """Self-training samples in one process; launched on two, it stops with one line and writes nothing (before, the
+    two processes raced on the same run files)."""
+    config = "recipes/configs/star_tiny.yaml" if recipe.endswith("star.py") else "recipes/configs/self_preference_tiny.yaml"
+    launcher = [str(VENV_BIN / "accelerate"), "launch", "--config_file", "launch/cpu_2proc.yaml"]
+    result = run([*launcher, recipe, "--config", config, "--model_name_or_path", str(saved_model), "--train_file",
+                  str(synthetic / "labels_train.jsonl"), "--eval_file", str(synthetic / "labels_eval.jsonl"), "--video_root",
+                  str(synthetic), "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    assert result.returncode != 0
+    expected = f"error: {recipe} runs in one process, not 2: start it with `python {recipe}` or `accelerate launch --num_processes 1 {recipe}`"
+    assert expected in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_star_cycle_under_deepspeed_zero3_generates_with_whole_weights(synthetic, saved_model, tmp_path):
+    """ZeRO-3 on one process (how a large model fits one GPU with offload): transformers partitions every model it
+    loads, so sampling and evaluation load theirs with whole weights; the cycle answers every question."""
+    launch_config = tmp_path / "cpu_1proc_zero3.yaml"
+    launch_config.write_text((REPO / "launch/cpu_2proc_zero3.yaml").read_text().replace("num_processes: 2", "num_processes: 1"))
+    launcher = [str(VENV_BIN / "accelerate"), "launch", "--config_file", str(launch_config)]
+    result = run([*launcher, "recipes/star.py", "--config", "recipes/configs/star_tiny.yaml", "--model_name_or_path",
+                  str(saved_model), "--train_file", str(synthetic / "labels_train.jsonl"), "--eval_file",
+                  str(synthetic / "labels_eval.jsonl"), "--video_root", str(synthetic), "--output_dir", str(tmp_path / "run"),
+                  "--cycles", "1", "--max_steps", "2", "--num_samples", "2", "--generation_batch_size", "16",
+                  "--dataloader_num_workers", "0", "--stop_when_no_gain", "false"])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    questions = len((synthetic / "labels_train.jsonl").read_text().splitlines())
+    samples = [json.loads(line) for line in (tmp_path / "run" / "cycle_1" / "samples.jsonl").read_text().splitlines()]
+    assert len({s["prompt_id"] for s in samples}) == questions
+    assert json.loads((tmp_path / "run" / "cycle_0" / "eval.json").read_text())["num_samples"] > 0

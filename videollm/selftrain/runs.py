@@ -24,6 +24,7 @@ kept once written; finished cycles are skipped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -31,20 +32,21 @@ import logging
 import os
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import set_seed
+from transformers import TrainingArguments, set_seed
 
 from videollm.data.feature_cache import FeatureCache
 from videollm.data.formats import LabelledRecord, load_labelled, write_jsonl
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.video import DecodedVideo, VideoDecodeError
 from videollm.infer.generate import GenerationSettings, generate_answers
-from videollm.model.checkpoint import load_model, save_checkpoint
+from videollm.infer.placement import load_for_inference
+from videollm.model.checkpoint import save_checkpoint
 from videollm.selftrain.verifiers import RecordVerifiers, Verdict
 from videollm.train.checkpointing import resolve_latest_checkpoint
 from videollm.train.config import DataArguments, ModelArguments
@@ -57,6 +59,20 @@ PLACEHOLDER = "<video>"
 
 class RunSettingsMismatch(ValueError):
     """A run directory holds a run started with other settings."""
+
+
+class MultiProcessLaunch(ValueError):
+    """Self-training was launched on several processes."""
+
+
+def require_one_process(training_args: TrainingArguments, recipe: str) -> None:
+    """Self-training runs in one process (one GPU or the CPU): its sampling is not shared out across processes yet,
+    and every process would write the same run files. Several processes stop here, before anything is written."""
+    if training_args.world_size > 1:
+        raise MultiProcessLaunch(
+            f"{recipe} runs in one process, not {training_args.world_size}: start it with `python {recipe}` or "
+            f"`accelerate launch --num_processes 1 {recipe}`"
+        )
 
 
 def stable_seed(*parts: Any) -> int:
@@ -643,14 +659,45 @@ def open_feature_cache(
     return cache
 
 
-def inference_loader(checkpoint: Path) -> Callable[[], torch.nn.Module]:
-    """Loads a checkpoint for generation (LoRA merged: faster) when called."""
+def inference_loader(checkpoint: Path, training_args: TrainingArguments | None = None) -> Callable[[], torch.nn.Module]:
+    """Loads a checkpoint for generation when called: LoRA merged (faster), whole on every process, on the device the
+    run trains on, in bf16 when it trains in bf16 (without `training_args`: on the CPU, as saved)."""
 
     def load() -> torch.nn.Module:
-        model, _ = load_model(checkpoint, merge=True)
-        return model.eval()
+        return load_for_generation(checkpoint, training_args)[0]
 
     return load
+
+
+def load_for_generation(
+    checkpoint: str | Path, training_args: TrainingArguments | None = None
+) -> tuple[torch.nn.Module, VideoLLMProcessor]:
+    """A checkpoint and its processor, placed as `inference_loader` says."""
+    device = training_args.device if training_args is not None else "cpu"
+    dtype = torch.bfloat16 if training_args is not None and training_args.bf16 else None
+    with whole_weights(training_args):
+        return load_for_inference(checkpoint, device, dtype)
+
+
+@contextlib.contextmanager
+def whole_weights(training_args: TrainingArguments | None) -> Iterator[None]:
+    """Loads in this block give every process the whole weights, also in a DeepSpeed ZeRO-3 run, where transformers
+    would partition them across the processes: generation and LoRA merging need them whole."""
+    from transformers.integrations import is_deepspeed_zero3_enabled, set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    # The run's DeepSpeed config object: the Trainer's own with `--deepspeed`, accelerate's under `accelerate launch`.
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    config = getattr(training_args, "hf_deepspeed_config", None) or getattr(plugin, "dschf", None)
+    if config is None:
+        raise RuntimeError("DeepSpeed ZeRO-3 is on, but the run's training arguments do not hold its config")
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(config)
 
 
 def record_verifiers(args: SelfTrainArguments, records: Sequence[LabelledRecord]) -> RecordVerifiers:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, set_seed
+from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from videollm.data.feature_cache import FeatureCache
 from videollm.data.formats import load_preferences, write_jsonl
@@ -57,17 +57,20 @@ from videollm.selftrain.runs import (
     fill,
     inference_loader,
     initial_checkpoint,
+    load_for_generation,
     load_records,
     metric,
     model_from,
     open_feature_cache,
     read_json,
     record_verifiers,
+    require_one_process,
     run_processor,
     run_settings,
     should_stop,
     stable_seed,
     train_or_resume,
+    whole_weights,
     write_json,
     write_summary,
 )
@@ -303,7 +306,8 @@ def train_preferences(
     gc.collect()
     if is_adapter_checkpoint(output_dir):
         # the next round's policy and reference: this round's LoRA merged into its base (OV-Chat, mrDPO)
-        merged, _ = load_model(output_dir, merge=True)
+        with whole_weights(dpo_args):
+            merged, _ = load_model(output_dir, merge=True)
         save_checkpoint(merged, processor, step_dir / "model")
         result["model"] = str((step_dir / "model").resolve())
         del merged
@@ -311,10 +315,13 @@ def train_preferences(
     return result
 
 
-def merged_copy(checkpoint: Path, output_dir: Path, processor: VideoLLMProcessor) -> Path:
+def merged_copy(
+    checkpoint: Path, output_dir: Path, processor: VideoLLMProcessor, training_args: TrainingArguments | None = None
+) -> Path:
     """A full checkpoint of an adapter checkpoint (LoRA merged), written once."""
     if not (output_dir / "config.json").is_file():
-        model, _ = load_model(checkpoint, merge=True)
+        with whole_weights(training_args):
+            model, _ = load_model(checkpoint, merge=True)
         partial = output_dir.with_name(output_dir.name + ".partial")
         save_checkpoint(model, processor, partial)
         os.replace(partial, output_dir)
@@ -329,6 +336,7 @@ def run_self_preference(
     callbacks: Sequence[TrainerCallback] | None = None,
 ) -> list[dict]:
     """Run (or resume) `dpo_args.rounds` self-preference rounds in `dpo_args.output_dir`; returns the summary rows."""
+    require_one_process(dpo_args, "recipes/self_preference.py")
     if dpo_args.round_train_files:
         raise ValueError("round_train_files: self-preference rounds make their own pairs; set rounds instead")
     records, eval_records = load_records(data_args, pref_args)
@@ -343,14 +351,14 @@ def run_self_preference(
     processor = run_processor(initial, data_args)
     if is_adapter_checkpoint(initial):
         # round 1's reference must be the seed policy itself, not the base under its adapter
-        initial = merged_copy(initial, run.path / "initial_merged", processor)
+        initial = merged_copy(initial, run.path / "initial_merged", processor, dpo_args)
     cache = open_feature_cache(model_args, data_args, dpo_args, initial, processor, records + eval_records)
     load_video = cache.get if cache is not None else None
     judge = None
     if pref_args.scorer == "judge":
         judge_model, judge_processor = None, processor
         if pref_args.judge_model_name_or_path:
-            judge_model, judge_processor = load_model(pref_args.judge_model_name_or_path, merge=True)
+            judge_model, judge_processor = load_for_generation(pref_args.judge_model_name_or_path, dpo_args)
         judge = ModelJudge(pref_args.judge_template, judge_processor, judge_model)
     sampler = Sampler(
         processor, verifiers, pref_args.generation(), batch_size=pref_args.generation_batch_size, seed=dpo_args.seed,
@@ -360,7 +368,7 @@ def run_self_preference(
 
     def evaluate(step_dir: Path, checkpoint: Path) -> dict | None:
         return evaluate_step(
-            step_dir, inference_loader(checkpoint), processor, eval_records, verifiers, pref_args.evaluation(),
+            step_dir, inference_loader(checkpoint, dpo_args), processor, eval_records, verifiers, pref_args.evaluation(),
             pref_args.eval_batch_size, pref_args.answer_template, load_video,
         )  # fmt: skip
 
@@ -393,7 +401,7 @@ def _round(
     started = time.time()
     step_dir = run.step_dir(number)
     log = SampleLog(step_dir / "samples.jsonl")
-    samples = sampler.run(inference_loader(latest), prompts, "sample", number, log)
+    samples = sampler.run(inference_loader(latest, dpo_args), prompts, "sample", number, log)
     gc.collect()
     score_key = "judge_score" if pref_args.scorer == "judge" else "score"
     pairs, dropped = best_worst_pairs(

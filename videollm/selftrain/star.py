@@ -54,6 +54,7 @@ from videollm.selftrain.runs import (
     open_feature_cache,
     read_json,
     record_verifiers,
+    require_one_process,
     run_processor,
     run_settings,
     should_stop,
@@ -189,6 +190,7 @@ def run_star(
     callbacks: Sequence[TrainerCallback] | None = None,
 ) -> list[dict]:
     """Run (or resume) Video-STaR cycles in `training_args.output_dir`; returns the summary rows (cycle 0: the seed)."""
+    require_one_process(training_args, "recipes/star.py")
     records, eval_records = load_records(data_args, star_args)
     verifiers = record_verifiers(star_args, records + eval_records)
     run = RunDirectory(
@@ -209,7 +211,7 @@ def run_star(
 
     def evaluate(step_dir: Path, checkpoint: Path) -> dict | None:
         return evaluate_step(
-            step_dir, inference_loader(checkpoint), processor, eval_records, verifiers, star_args.evaluation(),
+            step_dir, inference_loader(checkpoint, training_args), processor, eval_records, verifiers, star_args.evaluation(),
             star_args.eval_batch_size, star_args.answer_template, load_video,
         )  # fmt: skip
 
@@ -223,7 +225,7 @@ def run_star(
     for cycle in range(1, star_args.cycles + 1):
         row = run.finished(cycle)
         if row is None:
-            row = _cycle(cycle, latest, initial, prompts, run, sampler, star_args, train, evaluate)
+            row = _cycle(cycle, latest, initial, prompts, run, sampler, star_args, training_args, train, evaluate)
             run.finish(cycle, row)
         else:
             logger.info("cycle %d already finished; skipped", cycle)
@@ -239,7 +241,7 @@ def run_star(
 
 def _cycle(
     cycle: int, latest: Path, initial: Path, prompts: list[Prompt], run: RunDirectory, sampler: Sampler,
-    star_args: StarArguments, train, evaluate,
+    star_args: StarArguments, training_args: VideoSFTConfig, train, evaluate,
 ) -> dict:  # fmt: skip
     started = time.time()
     step_dir = run.step_dir(cycle)
@@ -248,7 +250,7 @@ def _cycle(
 
     def generator() -> torch.nn.Module:
         if "model" not in cached:
-            cached["model"] = inference_loader(latest)()
+            cached["model"] = inference_loader(latest, training_args)()
         return cached["model"]
 
     # (1, 2) answer and verify
