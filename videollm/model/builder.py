@@ -73,7 +73,7 @@ def _load_vision_tower(
         # weights, features and (the random stream moving on as before) the same LLM as one that kept every layer.
         with torch.random.fork_rng(devices=[]):
             tower = AutoModel.from_config(config, dtype=dtype)
-        with _whole_weights(full, tower):
+        with _gathered_weights(full, tower):
             missing = tower.load_state_dict(full.state_dict(), strict=False).missing_keys
         if missing:
             raise RuntimeError(f"vision tower: cutting layers left weights without a value: {missing}")
@@ -84,7 +84,7 @@ def _load_vision_tower(
     )
 
 
-def _whole_weights(*modules: nn.Module) -> contextlib.AbstractContextManager:
+def _gathered_weights(*modules: nn.Module) -> contextlib.AbstractContextManager:
     """Under DeepSpeed ZeRO-3, where every rank holds a slice of each weight, the whole weights of `modules` for the
     block, with rank 0's changes kept when it ends; elsewhere the weights are whole already."""
     if not is_deepspeed_zero3_enabled():
@@ -113,7 +113,7 @@ def resize_vocab_deterministically(model: VideoLLMForConditionalGeneration, voca
     if vocab_size <= old_size:
         return
     model.resize_token_embeddings(vocab_size, mean_resizing=False)
-    with _whole_weights(model.get_input_embeddings(), model.get_output_embeddings()), torch.no_grad():
+    with _gathered_weights(model.get_input_embeddings(), model.get_output_embeddings()), torch.no_grad():
         for weights in {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
             weights[old_size:] = weights[:old_size].mean(0, keepdim=True)
     model.config.text_config.vocab_size = vocab_size

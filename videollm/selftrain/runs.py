@@ -675,12 +675,12 @@ def load_for_generation(
     """A checkpoint and its processor, placed as `inference_loader` says."""
     device = training_args.device if training_args is not None else "cpu"
     dtype = torch.bfloat16 if training_args is not None and training_args.bf16 else None
-    with whole_weights(training_args):
+    with unpartitioned_loads(training_args):
         return load_for_inference(checkpoint, device, dtype)
 
 
 @contextlib.contextmanager
-def whole_weights(training_args: TrainingArguments | None) -> Iterator[None]:
+def unpartitioned_loads(training_args: TrainingArguments | None) -> Iterator[None]:
     """Loads in this block give every process the whole weights, also in a DeepSpeed ZeRO-3 run, where transformers
     would partition them across the processes: generation and LoRA merging need them whole."""
     from transformers.integrations import is_deepspeed_zero3_enabled, set_hf_deepspeed_config, unset_hf_deepspeed_config

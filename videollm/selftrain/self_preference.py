@@ -70,7 +70,7 @@ from videollm.selftrain.runs import (
     should_stop,
     stable_seed,
     train_or_resume,
-    whole_weights,
+    unpartitioned_loads,
     write_json,
     write_summary,
 )
@@ -306,7 +306,7 @@ def train_preferences(
     gc.collect()
     if is_adapter_checkpoint(output_dir):
         # the next round's policy and reference: this round's LoRA merged into its base (OV-Chat, mrDPO)
-        with whole_weights(dpo_args):
+        with unpartitioned_loads(dpo_args):
             merged, _ = load_model(output_dir, merge=True)
         save_checkpoint(merged, processor, step_dir / "model")
         result["model"] = str((step_dir / "model").resolve())
@@ -320,7 +320,7 @@ def merged_copy(
 ) -> Path:
     """A full checkpoint of an adapter checkpoint (LoRA merged), written once."""
     if not (output_dir / "config.json").is_file():
-        with whole_weights(training_args):
+        with unpartitioned_loads(training_args):
             model, _ = load_model(checkpoint, merge=True)
         partial = output_dir.with_name(output_dir.name + ".partial")
         save_checkpoint(model, processor, partial)
