@@ -15,7 +15,7 @@ import logging
 import sys
 
 from videollm.data.formats import DataValidationError
-from videollm.selftrain.runs import MultiProcessLaunch, RunSettingsMismatch
+from videollm.selftrain.runs import RunSettingsMismatch
 from videollm.selftrain.self_preference import SelfPreferenceArguments, run_self_preference
 from videollm.train.config import DataArguments, ModelArguments, parse_config
 from videollm.train.dpo import VideoDPOConfig
@@ -36,10 +36,11 @@ def main() -> None:
             rows = run_self_preference(model_args, data_args, pref_args, dpo_args)
     except DataValidationError as error:
         sys.exit(f"error: invalid data, nothing was trained:\n{error}")
-    except (RunSettingsMismatch, MultiProcessLaunch) as error:
+    except RunSettingsMismatch as error:
         sys.exit(f"error: {error}")
     best = max(rows, key=lambda row: row.get("metric", row.get("accuracy")) or 0.0)
-    print(f"summary: {dpo_args.output_dir}/summary.md; best model: {best['model']}")
+    if dpo_args.process_index == 0:
+        print(f"summary: {dpo_args.output_dir}/summary.md; best model: {best['model']}")
 
 
 if __name__ == "__main__":

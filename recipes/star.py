@@ -16,7 +16,7 @@ import logging
 import sys
 
 from videollm.data.formats import DataValidationError
-from videollm.selftrain.runs import MultiProcessLaunch, RunSettingsMismatch
+from videollm.selftrain.runs import RunSettingsMismatch
 from videollm.selftrain.star import StarArguments, run_star
 from videollm.train.config import DataArguments, ModelArguments, parse_config
 from videollm.train.setup import training_failures_as_errors
@@ -35,9 +35,10 @@ def main() -> None:
             rows = run_star(model_args, data_args, star_args, training_args)
     except DataValidationError as error:
         sys.exit(f"error: invalid data, nothing was trained:\n{error}")
-    except (RunSettingsMismatch, MultiProcessLaunch) as error:
+    except RunSettingsMismatch as error:
         sys.exit(f"error: {error}")
-    print(f"summary: {training_args.output_dir}/summary.md; best model: {max(rows, key=_accuracy)['model']}")
+    if training_args.process_index == 0:
+        print(f"summary: {training_args.output_dir}/summary.md; best model: {max(rows, key=_accuracy)['model']}")
 
 
 def _accuracy(row: dict) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -493,6 +494,67 @@ def test_star_recipe_killed_mid_generation_resumes_and_skips_finished_cycles(syn
     for name in ("samples.jsonl", "train.jsonl"):
         assert read_jsonl(tmp_path / "b" / "cycle_1" / name) == read_jsonl(tmp_path / "a" / "cycle_1" / name), name
 
+
+
+TWO_PROCESSES = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "launch/cpu_2proc.yaml"]
+
+
+def recipe_argv(recipe: str, synthetic: Path, seed_model: Path, output_dir: Path, *extra: str) -> list[str]:
+    """A self-training recipe's command line on the tiny task: 6 questions answered one per batch, 3 evaluated."""
+    config = "star_tiny.yaml" if recipe == "star" else "self_preference_tiny.yaml"
+    return [
+        f"recipes/{recipe}.py", "--config", f"recipes/configs/{config}", "--model_name_or_path", str(seed_model),
+        "--train_file", str(synthetic / "labels_train.jsonl"), "--eval_file", str(synthetic / "labels_eval.jsonl"),
+        "--video_root", str(synthetic), "--output_dir", str(output_dir), "--num_samples", "2", "--temperature", "1.5",
+        "--max_new_tokens", "4", "--generation_batch_size", "1", "--eval_batch_size", "1", "--eval_max_new_tokens", "4",
+        "--max_steps", "2", "--per_device_train_batch_size", "2", "--logging_steps", "1", "--dataloader_num_workers", "0",
+        "--stop_when_no_gain", "false", "--tune_projector", "frozen", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "recipe, extra",
+    [
+        ("star", ["--cycles", "1", "--verifier", "tests.test_star:even_length"]),
+        # the policy judges its own answers (continuous scores, so pairs form), trained with LoRA, merged by one process
+        ("self_preference", ["--rounds", "1", "--scorer", "judge", "--borrow_rejected", "false", "--tune_llm", "lora", "--lora_r", "4"]),
+    ],
+)
+def test_self_training_on_two_processes_shares_the_sampling_and_draws_what_one_process_draws(
+    synthetic, seed_model, tmp_path, recipe, extra
+):
+    """Launched on two processes, each answers half of the batches (batch b on process b mod 2) and evaluates half of
+    the questions; the run's files, written by one process, hold the answers one process draws; training runs on both
+    processes; a rerun resumes, and one with other settings stops with one line on both processes."""
+    one = run([sys.executable, *recipe_argv(recipe, synthetic, seed_model, tmp_path / "one", *extra)])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run([*TWO_PROCESSES, *recipe_argv(recipe, synthetic, seed_model, tmp_path / "two", *extra)], timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    step_name = "cycle" if recipe == "star" else "round"
+    step = f"{step_name}_1"
+    first_stage = "answer" if recipe == "star" else "sample"
+    questions = len((synthetic / "labels_train.jsonl").read_text().splitlines())
+    shares = re.findall(rf"{step_name} 1, {first_stage}: process (\d) of 2 answered (\d+) of the (\d+) batches", two.stderr)
+    assert sorted(shares) == [("0", str(questions // 2), str(questions)), ("1", str(questions // 2), str(questions))]
+
+    for name in (f"{step_name}_0/eval_predictions.jsonl", f"{step}/samples.jsonl", f"{step}/{'train' if recipe == 'star' else 'pairs'}.jsonl"):
+        assert read_jsonl(tmp_path / "two" / name) == read_jsonl(tmp_path / "one" / name), name
+    samples = read_jsonl(tmp_path / "two" / step / "samples.jsonl")
+    assert Counter(s["prompt_id"] for s in samples if s["stage"] == first_stage) == {q: 2 for q in {s["prompt_id"] for s in samples}}
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())["rows"][1]
+    assert summary["train_steps"] == 2 and summary["model"] == str((tmp_path / "two" / step / ("checkpoint" if recipe == "star" else "model")).resolve())
+    load_model(summary["model"])
+    assert sorted(re.findall(r"rank (\d) of 2 finished after 2 steps \(ddp", two.stderr)) == ["0", "1"]
+
+    again = run([*TWO_PROCESSES, *recipe_argv(recipe, synthetic, seed_model, tmp_path / "two", *extra)], timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert two.stdout.count("summary:") == again.stdout.count("summary:") == 1
+    assert "answered" not in again.stderr and "finished after" not in again.stderr  # nothing generated or trained again
+    other = run([*TWO_PROCESSES, *recipe_argv(recipe, synthetic, seed_model, tmp_path / "two", *extra, "--num_samples", "3")])
+    assert other.returncode != 0
+    errors = [line for line in other.stderr.splitlines() if line.startswith("error: output_dir")]
+    assert len(errors) == 2 and "num_samples: 2 -> 3" in errors[0], other.stderr[-3000:]
 
 
 def test_bad_star_settings_give_one_clear_line(synthetic, seed_model, tmp_path, capsys):

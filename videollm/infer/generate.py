@@ -105,6 +105,9 @@ def _generate_batch(model, processor, conversations, videos, settings: Generatio
         attention_mask=attention_mask.repeat_interleave(k, dim=0),
         **{KV_CACHE_FIELD: cache},
         **settings.generate_kwargs(processor),
+        # transformers steps every process in lockstep whenever DeepSpeed ZeRO-3 is on; that is needed only when the
+        # weights are partitioned, and would hang processes that answer different numbers of batches with whole ones
+        synced_gpus=any(hasattr(parameter, "ds_id") for parameter in model.parameters()),
     )
     texts = processor.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
     return [[t.strip() for t in texts[i * k : (i + 1) * k]] for i in range(len(conversations))]

@@ -47,6 +47,7 @@ from videollm.data.video import DecodedVideo, VideoDecodeError
 from videollm.infer.generate import GenerationSettings, generate_answers
 from videollm.infer.placement import load_for_inference
 from videollm.model.checkpoint import save_checkpoint
+from videollm.selftrain.processes import Processes
 from videollm.selftrain.verifiers import RecordVerifiers, Verdict
 from videollm.train.checkpointing import resolve_latest_checkpoint
 from videollm.train.config import DataArguments, ModelArguments
@@ -59,20 +60,6 @@ PLACEHOLDER = "<video>"
 
 class RunSettingsMismatch(ValueError):
     """A run directory holds a run started with other settings."""
-
-
-class MultiProcessLaunch(ValueError):
-    """Self-training was launched on several processes."""
-
-
-def require_one_process(training_args: TrainingArguments, recipe: str) -> None:
-    """Self-training runs in one process (one GPU or the CPU): its sampling is not shared out across processes yet,
-    and every process would write the same run files. Several processes stop here, before anything is written."""
-    if training_args.world_size > 1:
-        raise MultiProcessLaunch(
-            f"{recipe} runs in one process, not {training_args.world_size}: start it with `python {recipe}` or "
-            f"`accelerate launch --num_processes 1 {recipe}`"
-        )
 
 
 def stable_seed(*parts: Any) -> int:
@@ -103,16 +90,24 @@ class RunDirectory:
         settings: everything that decides what the run produces; compared with the saved ones on a rerun.
         step_name: "cycle" (STaR) or "round" (self-preference): folder names and the samples' step field.
         ignore: settings keys that may change between reruns (e.g. logging), left out of the comparison.
+        processes: the processes of the run; the main one reads and writes the files, and tells the others.
     """
 
-    def __init__(self, path: str | Path, settings: dict[str, Any], step_name: str = "cycle", ignore: Iterable[str] = ()):
+    def __init__(
+        self, path: str | Path, settings: dict[str, Any], step_name: str = "cycle", ignore: Iterable[str] = (),
+        processes: Processes = Processes(),
+    ):  # fmt: skip
         self.path = Path(path)
         self.step_name = step_name
         self.settings = json.loads(json.dumps(settings, default=str))
         self.ignore = set(ignore)
+        self.processes = processes
 
     def open(self) -> bool:
         """Create the directory or check that it holds this run; True when resuming."""
+        return self.processes.from_main(self._open)
+
+    def _open(self) -> bool:
         saved = read_json(self.path / "run_config.json")
         if saved is None:
             write_json(self.path / "run_config.json", self.settings)
@@ -134,10 +129,14 @@ class RunDirectory:
 
     def finished(self, number: int) -> dict | None:
         """The summary row of a finished step, or None."""
-        return read_json(self.step_dir(number) / "done.json")
+        return self.processes.from_main(lambda: read_json(self.step_dir(number) / "done.json"))
 
     def finish(self, number: int, row: dict) -> None:
-        write_json(self.step_dir(number) / "done.json", row)
+        self.processes.on_main(lambda: write_json(self.step_dir(number) / "done.json", row))
+
+    def write_rows(self, path: Path, rows: Sequence[dict]) -> None:
+        """A JSONL file of the run (e.g. a step's training data), there for every process when this returns."""
+        self.processes.on_main(lambda: write_jsonl(path, rows))
 
 
 # ---- generated samples ------------------------------------------------------------------------------------------------
@@ -146,24 +145,26 @@ class RunDirectory:
 class SampleLog:
     """An append-only JSONL file of generated samples that survives being killed mid-write.
 
-    Opening it drops a torn last line (a write cut short), so appends always start on a line of their own.
+    Opening it drops a torn last line (a write cut short), so appends always start on a line of their own. In a run on
+    several processes, the main process reads and writes the file and every process holds the same rows.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, processes: Processes = Processes()):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.rows: list[dict] = []
-        if self.path.is_file():
-            self._load()
+        self.writes = processes.is_main
+        self.rows: list[dict] = processes.from_main(self._load)
 
-    def _load(self) -> None:
+    def _load(self) -> list[dict]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.is_file():
+            return []
         data = self.path.read_bytes()
         complete = data[: data.rfind(b"\n") + 1]
         if len(complete) != len(data):
             logger.warning("%s: dropped a torn last line (%d bytes) left by an interrupted run", self.path, len(data) - len(complete))
             with open(self.path, "r+b") as handle:
                 handle.truncate(len(complete))
-        self.rows = [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
+        return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
 
     def done(self, stage: str) -> set[str]:
         return {row["prompt_id"] for row in self.rows if row["stage"] == stage}
@@ -176,21 +177,23 @@ class SampleLog:
         errors = {row["prompt_id"] for row in rows if row.get("error")}
         incomplete = {p for p, n in counts.items() if n != expected and p not in errors}
         if incomplete:
-            logger.warning("%s: %d prompts with some of their answers only; they are generated again", self.path, len(incomplete))
             self.rows = [r for r in self.rows if not (r["stage"] == stage and r["prompt_id"] in incomplete)]
-            partial = self.path.with_name(self.path.name + ".partial")
-            partial.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in self.rows))
-            os.replace(partial, self.path)
+            if self.writes:
+                logger.warning("%s: %d prompts with some of their answers only; they are generated again", self.path, len(incomplete))
+                partial = self.path.with_name(self.path.name + ".partial")
+                partial.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in self.rows))
+                os.replace(partial, self.path)
         return set(counts) - incomplete
 
     def stage_rows(self, stage: str) -> list[dict]:
         return [row for row in self.rows if row["stage"] == stage]
 
     def append(self, rows: Sequence[dict]) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
-            handle.flush()
-            os.fsync(handle.fileno())
+        if self.writes:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+                handle.flush()
+                os.fsync(handle.fileno())
         self.rows.extend(rows)
 
 
@@ -236,6 +239,8 @@ class Sampler:
     )
     # reads one video for generation: the processor's decoder by default, `FeatureCache.get` in a run with a cache
     load_video: Callable[[str], DecodedVideo] | None = field(default=None, repr=False)
+    # the processes the batches are shared out to (batch b to process b mod count)
+    processes: Processes = field(default_factory=Processes)
 
     def run(
         self, model_loader: Callable[[], torch.nn.Module], prompts: Sequence[Prompt], stage: str, step: int,
@@ -244,22 +249,36 @@ class Sampler:
         """Answer every prompt not answered yet in `log`; return all rows of this stage by prompt id, in prompt order.
 
         Batches are cut from `prompts` by position and each draws from its own seed, so a resumed run samples what an
-        uninterrupted one would. `only` answers just these prompt ids, in the batches they hold in `prompts`: a
-        subset (e.g. the questions to rationalise) that changes by one prompt then changes one batch, not every batch
-        after it. The model is loaded only when something is left to generate. Extra `fields` go into every row.
+        uninterrupted one would, and a run on several processes what one process would: the batches left are
+        answered `processes.count` at a time, one per process, and logged together in batch order. `only` answers
+        just these prompt ids, in the batches they hold in `prompts`: a subset (e.g. the questions to rationalise)
+        that changes by one prompt then changes one batch, not every batch after it. The model is loaded only when
+        something is left to generate. Extra `fields` go into every row.
         """
         done = log.resume(stage, self.settings.num_return_sequences)
         wanted = [p for p in prompts if only is None or p.id in only]
-        model = None
+        left = []
         for number, start in enumerate(range(0, len(prompts), self.batch_size)):
             batch = [p for p in prompts[start : start + self.batch_size] if only is None or p.id in only]
-            if all(p.id in done for p in batch):
-                continue
-            if model is None:
-                model = model_loader()
-            seed = stable_seed(self.seed, step, stage, number)
-            rows = self._batch(model, batch, stage, step, seed, number, fields)
+            if not all(p.id in done for p in batch):
+                left.append((number, batch))
+        model = None
+        count, answered = self.processes.count, 0
+        for first in range(0, len(left), count):
+            rows = []
+            if first + self.processes.index < len(left):
+                number, batch = left[first + self.processes.index]
+                answered += 1
+                if model is None:
+                    model = model_loader()
+                rows = self._batch(model, batch, stage, step, stable_seed(self.seed, step, stage, number), number, fields)
+            rows = self.processes.gather(rows)
             log.append([row for row in rows if row["prompt_id"] not in done])
+        if left:
+            logger.info(
+                "%s %d, %s: process %d of %d answered %d of the %d batches left", self.step_name, step, stage,
+                self.processes.index, count, answered, len(left),
+            )  # fmt: skip
         by_prompt: dict[str, list[dict]] = {p.id: [] for p in wanted}
         for row in log.stage_rows(stage):
             if row["prompt_id"] in by_prompt:
@@ -326,19 +345,25 @@ def evaluate_labelled(
     batch_size: int = 16,
     template: str = "{question}",
     load_video: Callable[[str], DecodedVideo] | None = None,
+    processes: Processes = Processes(),
 ) -> tuple[dict, list[dict]]:
     """Greedy answers to labelled questions, scored by the run's verifiers; returns (summary, predictions).
 
     The summary is `videollm.eval`'s: accuracy overall and by question type (``meta["type"]``). `load_video` reads
-    each video (default: the processor's decoder; `FeatureCache.get` in a run with a feature cache).
+    each video (default: the processor's decoder; `FeatureCache.get` in a run with a feature cache). On several
+    processes, each answers its share of the batches and every process returns all predictions, in record order.
     """
     from videollm.eval.__main__ import summarize
 
     load_video = load_video or processor.load_video
     settings = settings or GenerationSettings(max_new_tokens=32)
     prompts = [Prompt(r, fill(template, r)) for r in records]
-    predictions = []
-    for start in range(0, len(prompts), batch_size):
+    by_batch = []
+    for number, start in enumerate(range(0, len(prompts), batch_size)):
+        if not processes.owns(number):
+            continue
+        predictions: list[dict] = []
+        by_batch.append((number, predictions))
         batch = prompts[start : start + batch_size]
         videos, kept = [], []
         for prompt in batch:
@@ -353,6 +378,7 @@ def evaluate_labelled(
         for prompt, decoded, (answer, *_) in zip(kept, videos, answers):
             verdict = verifiers.check(prompt.record, answer)
             predictions.append(_prediction(prompt.record, answer, verdict, [list(v.indices) for v in decoded]))
+    predictions = [row for _, rows in sorted(processes.gather(by_batch), key=lambda item: item[0]) for row in rows]
     return summarize(predictions), predictions
 
 
@@ -374,17 +400,22 @@ def evaluate_step(
     batch_size: int,
     template: str,
     load_video: Callable[[str], DecodedVideo] | None = None,
+    processes: Processes = Processes(),
 ) -> dict | None:
-    """Evaluate once: `eval.json` and `eval_predictions.jsonl` in `step_dir`; an existing `eval.json` is returned as is."""
+    """Evaluate once: `eval.json` and `eval_predictions.jsonl` in `step_dir`; an existing `eval.json` is returned as is.
+    Every process evaluates its share and returns the summary of all; the main process writes the files."""
     if not records:
         return None
-    saved = read_json(step_dir / "eval.json")
+    saved = processes.from_main(lambda: read_json(step_dir / "eval.json"))
     if saved is not None:
         return saved
     model = model_loader()
-    summary, predictions = evaluate_labelled(model, processor, records, verifiers, settings, batch_size, template, load_video)
-    write_jsonl(step_dir / "eval_predictions.jsonl", predictions)
-    write_json(step_dir / "eval.json", summary)
+    summary, predictions = evaluate_labelled(
+        model, processor, records, verifiers, settings, batch_size, template, load_video, processes
+    )
+    if processes.is_main:
+        write_jsonl(step_dir / "eval_predictions.jsonl", predictions)
+        write_json(step_dir / "eval.json", summary)
     return summary
 
 
@@ -414,8 +445,11 @@ def eval_columns(row: dict, summary: dict | None) -> dict:
 def write_summary(run: RunDirectory, rows: Sequence[dict], title: str, plot_keys: Sequence[str] = ("kept_rate",)) -> None:
     """Print the table of all steps and save it as summary.json, summary.md and summary.png (accuracy per step).
 
-    The table shows every scalar column but the model path (in summary.json), accuracy columns last.
+    The table shows every scalar column but the model path (in summary.json), accuracy columns last. The main
+    process writes and prints it.
     """
+    if not run.processes.is_main:
+        return
     rows = list(rows)
     scalar = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in ("model", "metric")]
     columns = [k for k in scalar if not k.startswith("accuracy")] + [k for k in scalar if k.startswith("accuracy")]
@@ -603,17 +637,26 @@ def train_or_resume(trainer: Any, output_dir: Path) -> str | None:
     return str(resume) if resume else None
 
 
-def initial_checkpoint(run: RunDirectory, model_args: ModelArguments, data_args: DataArguments, seed: int) -> Path:
-    """The seed model's checkpoint: `model_name_or_path`, or a model built once (seeded) and saved in `initial/`."""
+def initial_checkpoint(
+    run: RunDirectory, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> Path:
+    """The seed model's checkpoint: `model_name_or_path`, or a model built once (seeded, by the main process, with
+    whole weights) and saved in `initial/`."""
     if model_args.model_name_or_path:
         return Path(model_args.model_name_or_path).resolve()
     path = run.path / "initial"
-    if not (path / "config.json").is_file():
-        set_seed(seed)
-        model, processor = load_or_build(model_args, data_args)
+
+    def build() -> None:
+        if (path / "config.json").is_file():
+            return
+        set_seed(training_args.seed)
+        with unpartitioned_loads(training_args):
+            model, processor = load_or_build(model_args, data_args)
         partial = run.path / "initial.partial"
         save_checkpoint(model, processor, partial)
         os.replace(partial, path)
+
+    run.processes.on_main(build)
     return path.resolve()
 
 

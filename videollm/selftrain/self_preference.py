@@ -37,14 +37,14 @@ import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from videollm.data.feature_cache import FeatureCache
-from videollm.data.formats import load_preferences, write_jsonl
+from videollm.data.formats import load_preferences
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.robust import BadSampleCollator, BadSamplePolicy
 from videollm.data.video import DecodedVideo
 from videollm.model.checkpoint import is_adapter_checkpoint, load_model, save_checkpoint
 from videollm.model.trainable import unwrap
 from videollm.selftrain import preferences
-from videollm.selftrain.verifiers import RecordVerifiers, normalize_answer
+from videollm.selftrain.processes import Processes
 from videollm.selftrain.runs import (
     RESUMABLE_KEYS,
     Prompt,
@@ -64,7 +64,6 @@ from videollm.selftrain.runs import (
     open_feature_cache,
     read_json,
     record_verifiers,
-    require_one_process,
     run_processor,
     run_settings,
     should_stop,
@@ -74,6 +73,7 @@ from videollm.selftrain.runs import (
     write_json,
     write_summary,
 )
+from videollm.selftrain.verifiers import RecordVerifiers, normalize_answer
 from videollm.train.config import DataArguments, ModelArguments
 from videollm.train.dpo import (
     PreferenceCollator,
@@ -82,7 +82,7 @@ from videollm.train.dpo import (
     build_preference_dataset,
     preference_rows,
 )
-from videollm.train.setup import load_or_build
+from videollm.train.setup import load_or_build, run_summary
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,8 @@ def train_preferences(
     `step_dir/model` when it is an adapter. Resumable and done once (`train_done.json`). With `cache`, the videos'
     features are read from it."""
     output_dir = step_dir / "checkpoint"
-    done = read_json(output_dir / "train_done.json")
+    processes = Processes.of(dpo_args)
+    done = processes.from_main(lambda: read_json(output_dir / "train_done.json"))
     if done is not None:
         return done
     set_seed(dpo_args.seed)
@@ -276,7 +277,8 @@ def train_preferences(
         unwrap(model).use_cached_vision(cache.level)
         load_video = cache.get
     rows = preference_rows(load_preferences(pairs_file, video_root=data_args.video_root))
-    dataset = build_preference_dataset(rows, processor, cache_dir=str(step_dir / "datasets"))
+    with dpo_args.main_process_first(desc="preference dataset"):
+        dataset = build_preference_dataset(rows, processor, cache_dir=str(step_dir / "datasets"))
     args = dataclasses.replace(dpo_args, output_dir=str(output_dir), rounds=1, round_train_files=None)
     collator = BadSampleCollator(
         PreferenceCollator(processor, mark_phrases="rrpo" in args.loss_type, load_video=load_video),
@@ -293,6 +295,7 @@ def train_preferences(
         callbacks=list(callbacks or []),
     )
     resume = train_or_resume(trainer, output_dir)
+    logger.info(run_summary(trainer))
     trainer.save_model(str(output_dir))
     trainer.save_state()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -306,25 +309,26 @@ def train_preferences(
     gc.collect()
     if is_adapter_checkpoint(output_dir):
         # the next round's policy and reference: this round's LoRA merged into its base (OV-Chat, mrDPO)
-        with unpartitioned_loads(dpo_args):
-            merged, _ = load_model(output_dir, merge=True)
-        save_checkpoint(merged, processor, step_dir / "model")
-        result["model"] = str((step_dir / "model").resolve())
-        del merged
-    write_json(output_dir / "train_done.json", result)
+        result["model"] = str(merged_copy(output_dir, step_dir / "model", processor, dpo_args))
+    processes.on_main(lambda: write_json(output_dir / "train_done.json", result))
     return result
 
 
 def merged_copy(
     checkpoint: Path, output_dir: Path, processor: VideoLLMProcessor, training_args: TrainingArguments | None = None
 ) -> Path:
-    """A full checkpoint of an adapter checkpoint (LoRA merged), written once."""
-    if not (output_dir / "config.json").is_file():
+    """A full checkpoint of an adapter checkpoint (LoRA merged), written once, by the main process."""
+
+    def merge() -> None:
+        if (output_dir / "config.json").is_file():
+            return
         with unpartitioned_loads(training_args):
             model, _ = load_model(checkpoint, merge=True)
         partial = output_dir.with_name(output_dir.name + ".partial")
         save_checkpoint(model, processor, partial)
         os.replace(partial, output_dir)
+
+    (Processes.of(training_args) if training_args is not None else Processes()).on_main(merge)
     return output_dir.resolve()
 
 
@@ -336,18 +340,18 @@ def run_self_preference(
     callbacks: Sequence[TrainerCallback] | None = None,
 ) -> list[dict]:
     """Run (or resume) `dpo_args.rounds` self-preference rounds in `dpo_args.output_dir`; returns the summary rows."""
-    require_one_process(dpo_args, "recipes/self_preference.py")
+    processes = Processes.of(dpo_args)
     if dpo_args.round_train_files:
         raise ValueError("round_train_files: self-preference rounds make their own pairs; set rounds instead")
     records, eval_records = load_records(data_args, pref_args)
     verifiers = record_verifiers(pref_args, records + eval_records)
     run = RunDirectory(
         dpo_args.output_dir, run_settings(model_args, data_args, pref_args, training=dpo_args), step_name="round",
-        ignore=RESUMABLE_KEYS,
+        ignore=RESUMABLE_KEYS, processes=processes,
     )  # fmt: skip
     if run.open():
         logger.info("resuming the run in %s", run.path)
-    initial = initial_checkpoint(run, model_args, data_args, dpo_args.seed)
+    initial = initial_checkpoint(run, model_args, data_args, dpo_args)
     processor = run_processor(initial, data_args)
     if is_adapter_checkpoint(initial):
         # round 1's reference must be the seed policy itself, not the base under its adapter
@@ -362,14 +366,14 @@ def run_self_preference(
         judge = ModelJudge(pref_args.judge_template, judge_processor, judge_model)
     sampler = Sampler(
         processor, verifiers, pref_args.generation(), batch_size=pref_args.generation_batch_size, seed=dpo_args.seed,
-        step_name="round", video_root=data_args.video_root, scorer=judge, load_video=load_video,
+        step_name="round", video_root=data_args.video_root, scorer=judge, load_video=load_video, processes=processes,
     )  # fmt: skip
     prompts = [Prompt(r, fill(pref_args.answer_template, r)) for r in records]
 
     def evaluate(step_dir: Path, checkpoint: Path) -> dict | None:
         return evaluate_step(
             step_dir, inference_loader(checkpoint, dpo_args), processor, eval_records, verifiers, pref_args.evaluation(),
-            pref_args.eval_batch_size, pref_args.answer_template, load_video,
+            pref_args.eval_batch_size, pref_args.answer_template, load_video, processes,
         )  # fmt: skip
 
     def train(start: Path, pairs_file: Path, step_dir: Path) -> dict:
@@ -400,7 +404,7 @@ def _round(
 ) -> dict:  # fmt: skip
     started = time.time()
     step_dir = run.step_dir(number)
-    log = SampleLog(step_dir / "samples.jsonl")
+    log = SampleLog(step_dir / "samples.jsonl", run.processes)
     samples = sampler.run(inference_loader(latest, dpo_args), prompts, "sample", number, log)
     gc.collect()
     score_key = "judge_score" if pref_args.scorer == "judge" else "score"
@@ -417,7 +421,7 @@ def _round(
         dropped.update(unpaired)
     pairs += borrowed
     pairs_file = step_dir / "pairs.jsonl"
-    write_jsonl(pairs_file, pairs)
+    run.write_rows(pairs_file, pairs)
     if pairs:
         training = train(latest, pairs_file, step_dir)
     else:

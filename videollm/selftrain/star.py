@@ -31,11 +31,11 @@ from transformers import TrainerCallback, set_seed
 
 from videollm.data.dataset import ConversationDataset, VideoCollator
 from videollm.data.feature_cache import CachedFeatureDataset, FeatureCache
-from videollm.data.formats import load_conversations, write_jsonl
+from videollm.data.formats import load_conversations
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.robust import BadSamplePolicy
 from videollm.model.trainable import unwrap
-from videollm.selftrain.verifiers import normalize_answer
+from videollm.selftrain.processes import Processes
 from videollm.selftrain.runs import (
     RESUMABLE_KEYS,
     Prompt,
@@ -54,7 +54,6 @@ from videollm.selftrain.runs import (
     open_feature_cache,
     read_json,
     record_verifiers,
-    require_one_process,
     run_processor,
     run_settings,
     should_stop,
@@ -62,8 +61,9 @@ from videollm.selftrain.runs import (
     write_json,
     write_summary,
 )
+from videollm.selftrain.verifiers import normalize_answer
 from videollm.train.config import DataArguments, ModelArguments
-from videollm.train.setup import load_or_build
+from videollm.train.setup import load_or_build, run_summary
 from videollm.train.sft import VideoSFTConfig, VideoSFTTrainer
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,8 @@ def train_on_kept(
     `output_dir` (with `save_strategy: steps`), or starts again from `start` with the same seed. With `cache`, the
     videos' features are read from it.
     """
-    done = read_json(output_dir / "train_done.json")
+    processes = Processes.of(training_args)
+    done = processes.from_main(lambda: read_json(output_dir / "train_done.json"))
     if done is not None:
         return done
     set_seed(training_args.seed)  # LoRA and any new weights start the same in a rerun
@@ -154,13 +155,14 @@ def train_on_kept(
         callbacks=list(callbacks or []),
     )
     resume = train_or_resume(trainer, output_dir)
+    logger.info(run_summary(trainer))
     trainer.save_model(str(output_dir))
     trainer.save_state()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result = {"train_steps": trainer.state.global_step, "train_loss": losses[-1] if losses else None, "resumed_from": resume}
     del trainer, model
     gc.collect()
-    write_json(output_dir / "train_done.json", result)
+    processes.on_main(lambda: write_json(output_dir / "train_done.json", result))  # after the main process saved
     return result
 
 
@@ -190,29 +192,30 @@ def run_star(
     callbacks: Sequence[TrainerCallback] | None = None,
 ) -> list[dict]:
     """Run (or resume) Video-STaR cycles in `training_args.output_dir`; returns the summary rows (cycle 0: the seed)."""
-    require_one_process(training_args, "recipes/star.py")
+    processes = Processes.of(training_args)
     records, eval_records = load_records(data_args, star_args)
     verifiers = record_verifiers(star_args, records + eval_records)
     run = RunDirectory(
         training_args.output_dir, run_settings(model_args, data_args, star_args, training=training_args),
-        step_name="cycle", ignore=RESUMABLE_KEYS,
+        step_name="cycle", ignore=RESUMABLE_KEYS, processes=processes,
     )  # fmt: skip
     if run.open():
         logger.info("resuming the run in %s", run.path)
-    initial = initial_checkpoint(run, model_args, data_args, training_args.seed)
+    initial = initial_checkpoint(run, model_args, data_args, training_args)
     processor = run_processor(initial, data_args)
     cache = open_feature_cache(model_args, data_args, training_args, initial, processor, records + eval_records)
     load_video = cache.get if cache is not None else None
     sampler = Sampler(
         processor, verifiers, star_args.generation(), batch_size=star_args.generation_batch_size,
         seed=training_args.seed, step_name="cycle", video_root=data_args.video_root, load_video=load_video,
+        processes=processes,
     )  # fmt: skip
     prompts = [Prompt(r, fill(star_args.answer_template, r)) for r in records]
 
     def evaluate(step_dir: Path, checkpoint: Path) -> dict | None:
         return evaluate_step(
             step_dir, inference_loader(checkpoint, training_args), processor, eval_records, verifiers, star_args.evaluation(),
-            star_args.eval_batch_size, star_args.answer_template, load_video,
+            star_args.eval_batch_size, star_args.answer_template, load_video, processes,
         )  # fmt: skip
 
     def train(start: Path, train_file: Path, checkpoint: Path) -> dict:
@@ -245,7 +248,7 @@ def _cycle(
 ) -> dict:  # fmt: skip
     started = time.time()
     step_dir = run.step_dir(cycle)
-    log = SampleLog(step_dir / "samples.jsonl")
+    log = SampleLog(step_dir / "samples.jsonl", run.processes)
     cached: dict[str, torch.nn.Module] = {}
 
     def generator() -> torch.nn.Module:
@@ -271,7 +274,7 @@ def _cycle(
     # (4) retrain on everything kept
     train_rows = kept_conversations(prompts, kept, cycle)
     train_file = step_dir / "train.jsonl"
-    write_jsonl(train_file, train_rows)
+    run.write_rows(train_file, train_rows)
     checkpoint = step_dir / "checkpoint"
     start = initial if star_args.retrain_from == "initial" else latest
     if train_rows:
