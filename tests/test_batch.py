@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +17,7 @@ from videollm.infer.batch import main as batch_main
 from videollm.infer.generate import GenerationSettings
 from videollm.infer.session import InferenceEngine
 
+REPO = Path(__file__).resolve().parents[1]
 SETTINGS = GenerationSettings(max_new_tokens=4)
 
 
@@ -63,6 +68,24 @@ def test_cli_writes_one_line_per_record_with_frames_from_the_saved_spec(checkpoi
         assert row["error"] is None and isinstance(row["answer"], str)
         assert row["reference"] == record.messages[-1].content
         assert row["frame_indices"] == [[1, 4, 7]]  # 3 uniform frames of 8 (the default spec would take all 8)
+
+
+def test_two_processes_resume_a_partial_file_into_the_one_process_file(checkpoint, data, tmp_path):
+    """`accelerate launch -m videollm.infer.batch` on 2 processes: the 6 records left after a partial run go out as 3
+    batches (2 to the first process, 1 to the second) and the first appends them in order: the one-process file."""
+    argv = ["--model", str(checkpoint), "--data", str(data / "test.jsonl"), "--video_root", str(data),
+            "--max_new_tokens", "4", "--batch_size", "2"]  # fmt: skip
+    batch_main([*argv, "--output", str(tmp_path / "one.jsonl")])
+    one = (tmp_path / "one.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "two.jsonl").write_text("".join(one[:3]))
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(REPO / "launch/cpu_2proc.yaml")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([*launcher, "-m", "videollm.infer.batch", *argv, "--output", str(tmp_path / "two.jsonl")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == f"6 answered, 3 already in {tmp_path / 'two.jsonl'}"
+    assert result.stdout.count("answered") == 1
+    assert (tmp_path / "two.jsonl").read_text() == "".join(one) and len(one) == 9
 
 
 def test_a_killed_run_resumes_with_only_the_missing_ids(engine, records, tmp_path, monkeypatch):

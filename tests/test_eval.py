@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from videollm.model.checkpoint import save_checkpoint
 from videollm.model.presets import build_tiny_model_and_processor
 
 
+REPO = Path(__file__).resolve().parents[1]
 DIRECTIONS = ["left", "right", "up", "down"]
 
 
@@ -90,6 +95,30 @@ def test_eval_writes_summary_and_predictions(checkpoint_and_data, tmp_path, shuf
         (indices,) = prediction["frame_indices"]
         assert sorted(indices) == list(range(8))
         assert (indices != sorted(indices)) is shuffle
+
+
+def test_eval_on_two_processes_gives_what_one_process_gives(checkpoint_and_data, tmp_path):
+    """`accelerate launch -m videollm.eval`: each process answers every other batch (5 batches: 3 and 2), the first
+    writes the files once, and the predictions, frame permutations included, are those of one process."""
+    checkpoint, data = checkpoint_and_data
+    argv = ["--model", str(checkpoint), "--data", str(data / "test.jsonl"), "--video_root", str(data),
+            "--max_new_tokens", "4", "--batch_size", "2", "--shuffle_frames"]  # fmt: skip
+    eval_main([*argv, "--output", str(tmp_path / "one.json")])
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(REPO / "launch/cpu_2proc.yaml")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([*launcher, "-m", "videollm.eval", *argv, "--output", str(tmp_path / "two.json")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("frames shuffled") == 1  # the table, printed by the first process only
+
+    def read(name: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / f"{name}.predictions.jsonl").read_text().splitlines()]
+
+    assert read("two") == read("one") and len(read("one")) == 9
+    one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
+    assert {k: v for k, v in two.items() if k not in ("predictions_file",)} == {
+        k: v for k, v in one.items() if k not in ("predictions_file",)
+    }
 
 
 def test_eval_runs_in_the_dtype_asked_for(checkpoint_and_data, tmp_path, monkeypatch):

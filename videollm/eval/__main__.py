@@ -1,11 +1,13 @@
 """Evaluate a videollm checkpoint on conversation records: accuracy overall and by record type.
 
     python -m videollm.eval --model DIR --data FILE --video_root DIR --output results.json [--shuffle_frames]
+    accelerate launch --num_processes 8 -m videollm.eval --model DIR ...     (one GPU per process)
 
 The prompt is every turn before the last assistant turn; the last assistant turn is the reference. Per-sample
 predictions go to `<output stem>.predictions.jsonl` next to the summary. `--shuffle_frames` permutes each video's
 frames (timestamps in the prompt stay sorted): if accuracy on temporal questions does not drop, the model is not
-using frame order.
+using frame order. On several processes each answers every N-th batch and the first writes the results, which are
+the ones one process gives (greedy answers; a record's frame permutation is seeded by the record).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from videollm.data.formats import ConversationRecord, DataValidationError, load_
 from videollm.data.video import DecodedVideo, VideoDecodeError
 from videollm.infer.generate import GenerationSettings, generate_answers
 from videollm.infer.placement import PlacementArguments, load_for_inference
+from videollm.infer.processes import Processes, stable_seed
 from videollm.selftrain.verifiers import RecordVerifiers
 
 
@@ -94,13 +97,21 @@ def evaluate(
     shuffle_frames: bool = False,
     seed: int = 0,
     verifier: str | None = None,
+    processes: Processes = Processes(),
 ) -> tuple[dict, list[dict]]:
-    """Generate an answer for every record and score it with its verifier; returns (summary, per-sample predictions)."""
-    rng = random.Random(seed)
+    """Generate an answer for every record and score it with its verifier; returns (summary, per-sample predictions).
+
+    On several `processes`, each answers its share of the batches and every process returns all predictions, in
+    record order."""
     targets = [ScoringTarget.of(record, _last_answer(record_messages(record))["content"]) for record in records]
     verifiers = RecordVerifiers(targets, spec=verifier)
-    predictions = []
-    for start in tqdm(range(0, len(records), batch_size), desc="evaluating", unit="batch"):
+    by_batch = []
+    starts = range(0, len(records), batch_size)
+    for number, start in tqdm(enumerate(starts), total=len(starts), desc="evaluating", unit="batch", disable=not processes.is_main):
+        if not processes.owns(number):
+            continue
+        predictions: list[dict] = []
+        by_batch.append((number, predictions))
         batch = records[start : start + batch_size]
         prompts, videos, kept = [], [], []
         for index, record in enumerate(batch, start):
@@ -112,6 +123,7 @@ def evaluate(
                 predictions.append(_prediction(record, messages[last_answer]["content"], None, None, error=str(error)))
                 continue
             if shuffle_frames:
+                rng = random.Random(stable_seed(seed, record.id))
                 decoded = [shuffled(v, rng) for v in decoded]
             prompts.append(messages[:last_answer])
             videos.append(decoded)
@@ -122,6 +134,7 @@ def evaluate(
         for (record, reference, decoded, target), answer in zip(kept, answers):
             verdict = verifiers.check(target, answer[0])
             predictions.append(_prediction(record, reference, answer[0], verdict, decoded=decoded))
+    predictions = [row for _, rows in sorted(processes.gather(by_batch), key=lambda item: item[0]) for row in rows]
     return summarize(predictions), predictions
 
 
@@ -170,6 +183,7 @@ def print_table(summary: dict, title: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser([EvalArguments, PlacementArguments, GenerationSettings])
     args, placement, settings = parser.parse_args_into_dataclasses(args=argv)
+    processes = Processes.launched()
     device, dtype = placement.resolve_or_exit()
     for name in ("model", "data"):
         if not Path(getattr(args, name)).exists():
@@ -179,11 +193,13 @@ def main(argv: list[str] | None = None) -> None:
     except DataValidationError as error:
         sys.exit(f"error: invalid evaluation data:\n{error}")
     records = records[: args.limit] if args.limit else records
-    model, processor = load_for_inference(args.model, device, dtype)
+    model, processor = load_for_inference(args.model, processes.place(device), dtype)
 
     summary, predictions = evaluate(
-        model, processor, records, settings, args.batch_size, args.shuffle_frames, args.seed, args.verifier
+        model, processor, records, settings, args.batch_size, args.shuffle_frames, args.seed, args.verifier, processes
     )
+    if not processes.is_main:
+        return
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     predictions_path = output.with_name(output.stem + ".predictions.jsonl")

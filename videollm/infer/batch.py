@@ -1,6 +1,7 @@
 """Answer every conversation of a dataset and write the answers as JSONL; a rerun resumes where the last one stopped.
 
     python -m videollm.infer.batch --model DIR --data test.jsonl --video_root DIR --output answers.jsonl
+    accelerate launch --num_processes 8 -m videollm.infer.batch --model DIR ...     (one GPU per process)
 
 The prompt of a record is every turn before its last assistant turn (that turn is kept as `reference`), or the
 whole conversation when it ends with a user turn. Each output line is
@@ -28,6 +29,7 @@ from videollm.data.formats import ConversationRecord, DataValidationError, iter_
 from videollm.data.video import VideoDecodeError
 from videollm.infer.generate import GenerationSettings
 from videollm.infer.placement import PlacementArguments
+from videollm.infer.processes import Processes
 from videollm.infer.session import InferenceEngine
 
 
@@ -55,6 +57,7 @@ def read_finished(output: Path, retry_errors: bool = False) -> set[str]:
 
     With `retry_errors`, lines with an error are removed from the file and their ids are not counted.
     """
+    output.parent.mkdir(parents=True, exist_ok=True)
     if not output.exists():
         return set()
     data = output.read_bytes()
@@ -93,46 +96,61 @@ def generate_dataset_answers(
     settings: GenerationSettings,
     batch_size: int = 8,
     retry_errors: bool = False,
+    processes: Processes = Processes(),
 ) -> int:
-    """Append an answer line to `output` for every record without one; returns how many records were answered."""
+    """Append an answer line to `output` for every record without one; returns how many records were answered.
+
+    On several `processes`, the batches left are answered `processes.count` at a time, one per process, and the main
+    process appends them in batch order: the file is the one a single process writes (the same greedy answers)."""
     duplicates = sorted(i for i, n in Counter(r.id for r in records).items() if n > 1)
     if duplicates:
         raise ValueError(f"record ids must be unique to resume by id; repeated: {duplicates[:5]}")
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    finished = read_finished(output, retry_errors)
+    finished = processes.from_main(lambda: read_finished(output, retry_errors))
     todo = [r for r in records if r.id not in finished]
-    progress = tqdm(total=len(records), initial=len(records) - len(todo), desc="generating", unit="sample")
-    with open(output, "a", encoding="utf-8") as sink:
-        for batch in _batches(todo, batch_size):
-            rows, prompts, videos, pending = [], [], [], []
-            for record in batch:
-                prompt, reference = split_prompt(record)
-                row = {"id": record.id, "reference": reference, "frame_indices": [], "error": None}
-                try:
-                    decoded = [engine.load_video(v) for v in record.videos]
-                except VideoDecodeError as error:
-                    rows.append({**row, "answer": None, "error": str(error)})
-                    continue
-                row["frame_indices"] = [list(v.indices) for v in decoded]
-                prompts.append(prompt)
-                videos.append(decoded)
-                pending.append(row)
-            if prompts:
-                for row, answers in zip(pending, engine.generate(prompts, videos, settings)):
-                    key = ("answer", answers[0]) if settings.num_return_sequences == 1 else ("answers", answers)
-                    rows.append({**row, key[0]: key[1]})
-            sink.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-            sink.flush()
-            os.fsync(sink.fileno())
-            progress.update(len(batch))
+    batches = list(_batches(todo, batch_size))
+    progress = tqdm(
+        total=len(records), initial=len(records) - len(todo), desc="generating", unit="sample", disable=not processes.is_main
+    )
+    for first in range(0, len(batches), processes.count):
+        mine = first + processes.index
+        rows = processes.gather(_answer_batch(engine, batches[mine], settings) if mine < len(batches) else [])
+        if processes.is_main:
+            with open(output, "a", encoding="utf-8") as sink:
+                sink.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+                sink.flush()
+                os.fsync(sink.fileno())
+        progress.update(sum(len(batch) for batch in batches[first : first + processes.count]))
     progress.close()
     return len(todo)
+
+
+def _answer_batch(engine: InferenceEngine, batch: list[ConversationRecord], settings: GenerationSettings) -> list[dict]:
+    """The answer lines of one batch, in record order but with unreadable videos' lines first."""
+    rows, prompts, videos, pending = [], [], [], []
+    for record in batch:
+        prompt, reference = split_prompt(record)
+        row = {"id": record.id, "reference": reference, "frame_indices": [], "error": None}
+        try:
+            decoded = [engine.load_video(v) for v in record.videos]
+        except VideoDecodeError as error:
+            rows.append({**row, "answer": None, "error": str(error)})
+            continue
+        row["frame_indices"] = [list(v.indices) for v in decoded]
+        prompts.append(prompt)
+        videos.append(decoded)
+        pending.append(row)
+    if prompts:
+        for row, answers in zip(pending, engine.generate(prompts, videos, settings)):
+            key = ("answer", answers[0]) if settings.num_return_sequences == 1 else ("answers", answers)
+            rows.append({**row, key[0]: key[1]})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser([BatchArguments, PlacementArguments, GenerationSettings])
     args, placement, settings = parser.parse_args_into_dataclasses(args=argv)
+    processes = Processes.launched()
     device, dtype = placement.resolve_or_exit()
     for name in ("model", "data"):
         if not Path(getattr(args, name)).exists():
@@ -144,12 +162,15 @@ def main(argv: list[str] | None = None) -> None:
     except DataValidationError as error:
         sys.exit(f"error: invalid data:\n{error}")
     records = records[: args.limit] if args.limit else records
-    engine = InferenceEngine.from_checkpoint(args.model, device, dtype)
+    engine = InferenceEngine.from_checkpoint(args.model, processes.place(device), dtype)
     try:
-        answered = generate_dataset_answers(engine, records, args.output, settings, args.batch_size, args.retry_errors)
+        answered = generate_dataset_answers(
+            engine, records, args.output, settings, args.batch_size, args.retry_errors, processes
+        )
     except ValueError as error:
         sys.exit(f"error: {error}")
-    print(f"{answered} answered, {len(records) - answered} already in {args.output}")
+    if processes.is_main:
+        print(f"{answered} answered, {len(records) - answered} already in {args.output}")
 
 
 if __name__ == "__main__":

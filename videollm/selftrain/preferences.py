@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import zlib
 import random
 import re
 from collections import Counter
@@ -32,6 +31,7 @@ import torch
 
 from videollm.data.formats import LabelledRecord, write_jsonl
 from videollm.data.video import DecodedVideo
+from videollm.infer.processes import stable_seed
 from videollm.selftrain.verifiers import RecordVerifiers, Verifier, get_verifier, normalize_answer
 
 PERTURBATIONS = ("shuffle", "reverse", "drop")
@@ -234,7 +234,7 @@ def temporal_pairs(
         chosen = [answers[0].strip() for answers in answer(messages, clean)]
         for kind, magnitude in perturbations:
             perturbed = [
-                [perturb_video(v, kind, magnitude, seed=_stable_seed(seed, p.id, kind, magnitude, j)) for j, v in enumerate(vs)]
+                [perturb_video(v, kind, magnitude, seed=stable_seed(seed, p.id, kind, magnitude, j)) for j, v in enumerate(vs)]
                 for p, vs in zip(batch, clean)
             ]
             rejected = [answers[0].strip() for answers in answer(messages, perturbed)]
@@ -286,11 +286,6 @@ def model_answerer(model: torch.nn.Module, processor, settings=None) -> Answerer
         return generate_answers(model, processor, conversations, videos, settings)
 
     return answer
-
-
-def _stable_seed(*parts: Any) -> int:
-    # Python's hash() of a string changes between processes; a pair set must not
-    return zlib.crc32(repr(parts).encode())
 
 
 def _batches(items: Sequence, size: int):

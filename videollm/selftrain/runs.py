@@ -30,7 +30,6 @@ import gc
 import json
 import logging
 import os
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from videollm.data.video import DecodedVideo, VideoDecodeError
 from videollm.infer.generate import GenerationSettings, generate_answers
 from videollm.infer.placement import load_for_inference
 from videollm.model.checkpoint import save_checkpoint
-from videollm.selftrain.processes import Processes
+from videollm.infer.processes import Processes, stable_seed
 from videollm.selftrain.verifiers import RecordVerifiers, Verdict
 from videollm.train.checkpointing import resolve_latest_checkpoint
 from videollm.train.config import DataArguments, ModelArguments
@@ -60,11 +59,6 @@ PLACEHOLDER = "<video>"
 
 class RunSettingsMismatch(ValueError):
     """A run directory holds a run started with other settings."""
-
-
-def stable_seed(*parts: Any) -> int:
-    """A seed from any values, equal in every process (Python's `hash` of a string is not)."""
-    return zlib.crc32(json.dumps(parts, sort_keys=True, default=str).encode())
 
 
 def write_json(path: Path, value: Any) -> None:

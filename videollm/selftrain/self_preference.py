@@ -44,7 +44,7 @@ from videollm.data.video import DecodedVideo
 from videollm.model.checkpoint import is_adapter_checkpoint, load_model, save_checkpoint
 from videollm.model.trainable import unwrap
 from videollm.selftrain import preferences
-from videollm.selftrain.processes import Processes
+from videollm.infer.processes import Processes, stable_seed
 from videollm.selftrain.runs import (
     RESUMABLE_KEYS,
     Prompt,
@@ -67,7 +67,6 @@ from videollm.selftrain.runs import (
     run_processor,
     run_settings,
     should_stop,
-    stable_seed,
     train_or_resume,
     unpartitioned_loads,
     write_json,

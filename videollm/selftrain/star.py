@@ -35,7 +35,7 @@ from videollm.data.formats import load_conversations
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.robust import BadSamplePolicy
 from videollm.model.trainable import unwrap
-from videollm.selftrain.processes import Processes
+from videollm.infer.processes import Processes
 from videollm.selftrain.runs import (
     RESUMABLE_KEYS,
     Prompt,

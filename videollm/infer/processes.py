@@ -1,10 +1,10 @@
-"""How a self-training run is shared by the processes it is launched on (`accelerate launch --num_processes N`).
+"""How work is shared by the processes a command is launched on (`accelerate launch --num_processes N ...`).
 
-Every process runs the same loop over cycles (or rounds). Generation, the costly part, is split by batch: batch `b`
-of a round of `N` batches is answered by process `b mod N`, from the batch's own seed, so the answers are the ones a
-single process would draw. Training is data-parallel through the Trainer (DDP, DeepSpeed or FSDP, as launched).
-Only the main process writes run files, and every decision that reads them (is this cycle finished, is this
-evaluation saved) is taken there and sent to the others, so the processes never disagree about what is left to do.
+Generation is the costly part of evaluation and self-training, and one answer never depends on another, so it is split
+by batch: batch `b` goes to process `b mod N`, and every process gets all results back, in batch order. Where answers
+are sampled, each batch draws from its own seed (`stable_seed`), so N processes draw what one would. Only the main
+process writes files, and a decision that reads them (is this step finished, is this evaluation saved) is taken there
+and sent to the others, so the processes never disagree about what is left to do.
 
 Accelerate has the collectives, but no notion of "the main process decides and the others follow, errors included",
 which a resumable run needs at each step: that is what `Processes` adds.
@@ -12,42 +12,59 @@ which a resumable run needs at each step: that is what `Processes` adds.
 
 from __future__ import annotations
 
+import json
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
 from transformers import TrainingArguments
 
 T = TypeVar("T")
 
 
+def stable_seed(*parts: Any) -> int:
+    """A seed from any values, equal in every process and every run (Python's `hash` of a string is not)."""
+    return zlib.crc32(json.dumps(parts, sort_keys=True, default=str).encode())
+
+
 @dataclass(frozen=True)
 class Processes:
-    """The processes of a run: this one's `index` among `count`; one process (index 0 of 1) by default."""
+    """The processes of a command: this one's `index` among `count`, and its index on its machine (`local_index`,
+    which picks its GPU); one process (index 0 of 1) by default."""
 
     index: int = 0
     count: int = 1
+    local_index: int = 0
 
     @classmethod
     def of(cls, training_args: TrainingArguments) -> Processes:
         """The processes the run's Trainer was launched on."""
-        return cls(index=training_args.process_index, count=training_args.world_size)
+        return cls(training_args.process_index, training_args.world_size, training_args.local_process_index)
+
+    @classmethod
+    def launched(cls) -> Processes:
+        """The processes this command was launched on (one, unless started by `accelerate launch` or torchrun)."""
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())  # without it, CPU processes would not find each other
+        return cls(state.process_index, state.num_processes, state.local_process_index)
 
     @property
     def is_main(self) -> bool:
-        """The process that writes the run's files."""
+        """The process that writes the files."""
         return self.index == 0
 
     def owns(self, number: int) -> bool:
         """Whether item `number` (a batch of questions) falls to this process."""
         return number % self.count == self.index
 
-    def wait(self) -> None:
-        """Return when every process got here (e.g. once the main process wrote what the others read next)."""
-        if self.count > 1:
-            from accelerate import PartialState
-
-            PartialState().wait_for_everyone()
+    def place(self, device: torch.device) -> torch.device:
+        """This process's own GPU where `device` names the GPU without an index (several processes share no GPU)."""
+        if self.count > 1 and device.type == "cuda" and device.index is None:
+            return torch.device("cuda", self.local_index)
+        return device
 
     def gather(self, items: list[T]) -> list[T]:
         """Every process's `items`, concatenated in process order, on every process."""
