@@ -13,6 +13,7 @@ which a resumable run needs at each step: that is what `Processes` adds.
 from __future__ import annotations
 
 import json
+import pickle
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ class Processes:
             try:
                 outcome = [(True, compute())]
             except Exception as error:  # sent to the other processes, then raised here too
-                outcome = [(False, error)]
+                outcome = [(False, sendable(error))]
         broadcast_object_list(outcome, from_process=0)
         succeeded, value = outcome[0]
         if not succeeded:
@@ -96,3 +97,14 @@ class Processes:
     def on_main(self, write: Callable[[], Any]) -> None:
         """`write()` on the main process; every process returns once it is done, so what it wrote can be read next."""
         self.from_main(write)
+
+
+def sendable(error: Exception) -> Exception:
+    """`error` if it survives the pickling that carries it to the other processes, else a RuntimeError with its text
+    (an exception whose constructor takes other arguments than it stores fails to unpickle there, and those
+    processes would then wait forever)."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error

@@ -20,6 +20,11 @@ seed (run seed, cycle, stage, batch number), and appended to `samples.jsonl` as 
 prompts already there (a torn last line is dropped) and draws the rest exactly as an uninterrupted run would.
 Training restarts from its last Trainer checkpoint, or from the start (seeded) when none was saved; evaluations are
 kept once written; finished cycles are skipped.
+
+Several processes (`accelerate launch --num_processes N`): each answers and evaluates every N-th batch, training is
+data-parallel, and the main process alone reads and writes the run directory, telling the others what it found
+(`videollm.infer.processes`). From the same model, the samples and evaluations are those of one process, whatever
+N; training sees N micro-batches per step, as any data-parallel run does.
 """
 
 from __future__ import annotations
