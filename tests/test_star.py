@@ -462,26 +462,42 @@ def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_star_recipe_killed_mid_generation_resumes_and_skips_finished_cycles(synthetic, seed_model, tmp_path):
-    def argv(output_dir: Path) -> list[str]:
-        return [
-            sys.executable, "recipes/star.py", "--config", "recipes/configs/star_tiny.yaml",
-            "--model_name_or_path", str(seed_model), "--train_file", str(synthetic / "labels_train.jsonl"),
-            "--eval_file", str(synthetic / "labels_eval.jsonl"), "--video_root", str(synthetic),
-            "--output_dir", str(output_dir), "--cycles", "1", "--num_samples", "2", "--max_new_tokens", "4",
-            "--generation_batch_size", "1", "--verifier", "tests.test_star:even_length", "--max_steps", "1",
-            "--per_device_train_batch_size", "2", "--dataloader_num_workers", "0",
-        ]  # fmt: skip
+def recipe_argv(recipe: str, synthetic: Path, seed_model: Path, output_dir: Path, *extra: str) -> list[str]:
+    """A self-training recipe's command line on the tiny task: 6 questions answered one per batch, 3 evaluated, one
+    cycle (or round) of 2 training steps."""
+    config = "star_tiny.yaml" if recipe == "star" else "self_preference_tiny.yaml"
+    steps = ["--cycles", "1", "--verifier", "tests.test_star:even_length"] if recipe == "star" else ["--rounds", "1"]
+    return [
+        f"recipes/{recipe}.py", "--config", f"recipes/configs/{config}", "--model_name_or_path", str(seed_model),
+        "--train_file", str(synthetic / "labels_train.jsonl"), "--eval_file", str(synthetic / "labels_eval.jsonl"),
+        "--video_root", str(synthetic), "--output_dir", str(output_dir), "--num_samples", "2", "--temperature", "1.5",
+        "--max_new_tokens", "4", "--generation_batch_size", "1", "--eval_batch_size", "1", "--eval_max_new_tokens", "4",
+        "--max_steps", "2", "--per_device_train_batch_size", "2", "--logging_steps", "1", "--dataloader_num_workers", "0",
+        "--stop_when_no_gain", "false", "--tune_projector", "frozen", *steps, *extra,
+    ]  # fmt: skip
 
-    first = run(argv(tmp_path / "a"))
+
+# the policy judges its own answers (continuous scores, so pairs form), trained with LoRA and merged after the round
+SELF_JUDGED_LORA = ["--scorer", "judge", "--borrow_rejected", "false", "--tune_llm", "lora", "--lora_r", "4"]
+TWO_PROCESSES = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "launch/cpu_2proc.yaml"]
+
+
+@pytest.fixture(scope="module")
+def star_on_one_process(synthetic, seed_model, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """recipes/star.py run as users run it, in one process: its run directory and its output."""
+    output_dir = tmp_path_factory.mktemp("star_recipe") / "run"
+    return output_dir, run([sys.executable, *recipe_argv("star", synthetic, seed_model, output_dir)])
+
+
+def test_star_recipe_killed_mid_generation_resumes_and_skips_finished_cycles(star_on_one_process, synthetic, seed_model, tmp_path):
+    finished, first = star_on_one_process
     assert first.returncode == 0, first.stderr[-3000:]
     assert "Video-STaR" in first.stdout and "kept_rate" in first.stdout and "summary:" in first.stdout
-    again = run(argv(tmp_path / "a"))
-    assert again.returncode == 0 and "cycle 1 already finished; skipped" in again.stderr
 
     # SIGKILL as soon as the first batch of answers is on disk, then the same command again
+    argv = [sys.executable, *recipe_argv("star", synthetic, seed_model, tmp_path / "b")]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    killed = subprocess.Popen(argv(tmp_path / "b"), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     samples = tmp_path / "b" / "cycle_1" / "samples.jsonl"
     deadline = time.monotonic() + 240
     while killed.poll() is None and time.monotonic() < deadline and not (samples.is_file() and samples.stat().st_size):
@@ -489,47 +505,31 @@ def test_star_recipe_killed_mid_generation_resumes_and_skips_finished_cycles(syn
     killed.kill()
     killed.wait()
     assert not (tmp_path / "b" / "cycle_1" / "done.json").exists()
-    resumed = run(argv(tmp_path / "b"))
+    resumed = run(argv)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for name in ("samples.jsonl", "train.jsonl"):
-        assert read_jsonl(tmp_path / "b" / "cycle_1" / name) == read_jsonl(tmp_path / "a" / "cycle_1" / name), name
+        assert read_jsonl(tmp_path / "b" / "cycle_1" / name) == read_jsonl(finished / "cycle_1" / name), name
+    again = run(argv)
+    assert again.returncode == 0 and "cycle 1 already finished; skipped" in again.stderr
 
 
-
-TWO_PROCESSES = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "launch/cpu_2proc.yaml"]
-
-
-def recipe_argv(recipe: str, synthetic: Path, seed_model: Path, output_dir: Path, *extra: str) -> list[str]:
-    """A self-training recipe's command line on the tiny task: 6 questions answered one per batch, 3 evaluated."""
-    config = "star_tiny.yaml" if recipe == "star" else "self_preference_tiny.yaml"
-    return [
-        f"recipes/{recipe}.py", "--config", f"recipes/configs/{config}", "--model_name_or_path", str(seed_model),
-        "--train_file", str(synthetic / "labels_train.jsonl"), "--eval_file", str(synthetic / "labels_eval.jsonl"),
-        "--video_root", str(synthetic), "--output_dir", str(output_dir), "--num_samples", "2", "--temperature", "1.5",
-        "--max_new_tokens", "4", "--generation_batch_size", "1", "--eval_batch_size", "1", "--eval_max_new_tokens", "4",
-        "--max_steps", "2", "--per_device_train_batch_size", "2", "--logging_steps", "1", "--dataloader_num_workers", "0",
-        "--stop_when_no_gain", "false", "--tune_projector", "frozen", *extra,
-    ]  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    "recipe, extra",
-    [
-        ("star", ["--cycles", "1", "--verifier", "tests.test_star:even_length"]),
-        # the policy judges its own answers (continuous scores, so pairs form), trained with LoRA, merged by one process
-        ("self_preference", ["--rounds", "1", "--scorer", "judge", "--borrow_rejected", "false", "--tune_llm", "lora", "--lora_r", "4"]),
-    ],
-)
+@pytest.mark.parametrize("recipe", ["star", "self_preference"])
 def test_self_training_on_two_processes_shares_the_sampling_and_draws_what_one_process_draws(
-    synthetic, seed_model, tmp_path, recipe, extra
+    star_on_one_process, synthetic, seed_model, tmp_path, recipe
 ):
     """Launched on two processes, each answers half of the batches (batch b on process b mod 2) and evaluates half of
     the questions; the run's files, written by one process, hold the answers one process draws; training runs on both
     processes; a rerun resumes, and one with other settings stops with one line on both processes."""
-    one = run([sys.executable, *recipe_argv(recipe, synthetic, seed_model, tmp_path / "one", *extra)])
-    assert one.returncode == 0, one.stderr[-3000:]
+    extra = [] if recipe == "star" else SELF_JUDGED_LORA
+    if recipe == "star":
+        one = star_on_one_process[0]
+    else:
+        one = tmp_path / "one"
+        single = run([sys.executable, *recipe_argv(recipe, synthetic, seed_model, one, *extra)])
+        assert single.returncode == 0, single.stderr[-3000:]
     two = run([*TWO_PROCESSES, *recipe_argv(recipe, synthetic, seed_model, tmp_path / "two", *extra)], timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("summary:") == 1  # printed by the main process only
 
     step_name = "cycle" if recipe == "star" else "round"
     step = f"{step_name}_1"
@@ -539,19 +539,21 @@ def test_self_training_on_two_processes_shares_the_sampling_and_draws_what_one_p
     assert sorted(shares) == [("0", str(questions // 2), str(questions)), ("1", str(questions // 2), str(questions))]
 
     for name in (f"{step_name}_0/eval_predictions.jsonl", f"{step}/samples.jsonl", f"{step}/{'train' if recipe == 'star' else 'pairs'}.jsonl"):
-        assert read_jsonl(tmp_path / "two" / name) == read_jsonl(tmp_path / "one" / name), name
+        assert read_jsonl(tmp_path / "two" / name) == read_jsonl(one / name), name
     samples = read_jsonl(tmp_path / "two" / step / "samples.jsonl")
     assert Counter(s["prompt_id"] for s in samples if s["stage"] == first_stage) == {q: 2 for q in {s["prompt_id"] for s in samples}}
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())["rows"][1]
     assert summary["train_steps"] == 2 and summary["model"] == str((tmp_path / "two" / step / ("checkpoint" if recipe == "star" else "model")).resolve())
     load_model(summary["model"])
     assert sorted(re.findall(r"rank (\d) of 2 finished after 2 steps \(ddp", two.stderr)) == ["0", "1"]
+    if recipe != "star":
+        return  # resumption is the run directory's, the same for both recipes
 
-    again = run([*TWO_PROCESSES, *recipe_argv(recipe, synthetic, seed_model, tmp_path / "two", *extra)], timeout=600)
+    again = run([*TWO_PROCESSES, *recipe_argv(recipe, synthetic, seed_model, tmp_path / "two")], timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert two.stdout.count("summary:") == again.stdout.count("summary:") == 1
+    assert again.stdout.count("summary:") == 1
     assert "answered" not in again.stderr and "finished after" not in again.stderr  # nothing generated or trained again
-    other = run([*TWO_PROCESSES, *recipe_argv(recipe, synthetic, seed_model, tmp_path / "two", *extra, "--num_samples", "3")])
+    other = run([*TWO_PROCESSES, *recipe_argv(recipe, synthetic, seed_model, tmp_path / "two", "--num_samples", "3")])
     assert other.returncode != 0
     errors = [line for line in other.stderr.splitlines() if line.startswith("error: output_dir")]
     assert len(errors) == 2 and "num_samples: 2 -> 3" in errors[0], other.stderr[-3000:]
