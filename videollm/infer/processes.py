@@ -17,10 +17,12 @@ import pickle
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-from transformers import TrainingArguments
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 T = TypeVar("T")
 
@@ -104,7 +106,8 @@ def sendable(error: Exception) -> Exception:
     (an exception whose constructor takes other arguments than it stores fails to unpickle there, and those
     processes would then wait forever)."""
     try:
-        pickle.loads(pickle.dumps(error))
+        pickle.dumps(error)
+        type(error)(*error.args)  # what unpickling an exception does on the other side
     except Exception:
         return RuntimeError(f"{type(error).__name__}: {error}")
     return error
