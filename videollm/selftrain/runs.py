@@ -50,8 +50,8 @@ from videollm.data.processor import VideoLLMProcessor
 from videollm.data.video import DecodedVideo, VideoDecodeError
 from videollm.infer.generate import GenerationSettings, generate_answers
 from videollm.infer.placement import load_for_inference
-from videollm.model.checkpoint import save_checkpoint
 from videollm.infer.processes import Processes, stable_seed
+from videollm.model.checkpoint import save_checkpoint
 from videollm.selftrain.verifiers import RecordVerifiers, Verdict
 from videollm.train.checkpointing import resolve_latest_checkpoint
 from videollm.train.config import DataArguments, ModelArguments

@@ -41,10 +41,10 @@ from videollm.data.formats import load_preferences
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.robust import BadSampleCollator, BadSamplePolicy
 from videollm.data.video import DecodedVideo
+from videollm.infer.processes import Processes, stable_seed
 from videollm.model.checkpoint import is_adapter_checkpoint, load_model, save_checkpoint
 from videollm.model.trainable import unwrap
 from videollm.selftrain import preferences
-from videollm.infer.processes import Processes, stable_seed
 from videollm.selftrain.runs import (
     RESUMABLE_KEYS,
     Prompt,

@@ -34,8 +34,8 @@ from videollm.data.feature_cache import CachedFeatureDataset, FeatureCache
 from videollm.data.formats import load_conversations
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.robust import BadSamplePolicy
-from videollm.model.trainable import unwrap
 from videollm.infer.processes import Processes
+from videollm.model.trainable import unwrap
 from videollm.selftrain.runs import (
     RESUMABLE_KEYS,
     Prompt,
