@@ -56,3 +56,15 @@ def test_seeds_are_equal_in_processes_with_other_string_hashes():
                            capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     assert other == str(stable_seed(0, "cycle", "answer", 3))
     assert stable_seed(0, "cycle", "answer", 3) != stable_seed(0, "cycle", "answer", 4)
+
+
+def test_one_process_answers_every_batch_and_yields_them_one_round_at_a_time():
+    answered = []
+
+    def answer(batch: list[int]) -> list[int]:
+        answered.append(batch)
+        return [10 * item for item in batch]
+
+    rounds = Processes().map_batches([[1, 2], [3], [4, 5]], answer)
+    assert next(rounds) == [10, 20] and answered == [[1, 2]]  # nothing is answered ahead of what is consumed
+    assert list(rounds) == [[30], [40, 50]]

@@ -105,16 +105,10 @@ def evaluate(
     record order."""
     targets = [ScoringTarget.of(record, _last_answer(record_messages(record))["content"]) for record in records]
     verifiers = RecordVerifiers(targets, spec=verifier)
-    by_batch = []
-    starts = range(0, len(records), batch_size)
-    for number, start in tqdm(enumerate(starts), total=len(starts), desc="evaluating", unit="batch", disable=not processes.is_main):
-        if not processes.owns(number):
-            continue
-        predictions: list[dict] = []
-        by_batch.append((number, predictions))
-        batch = records[start : start + batch_size]
-        prompts, videos, kept = [], [], []
-        for index, record in enumerate(batch, start):
+
+    def answer(batch: list[tuple[int, ConversationRecord]]) -> list[dict]:
+        predictions, prompts, videos, kept = [], [], [], []
+        for index, record in batch:
             messages = record_messages(record)
             last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             try:
@@ -128,13 +122,19 @@ def evaluate(
             prompts.append(messages[:last_answer])
             videos.append(decoded)
             kept.append((record, messages[last_answer]["content"], decoded, targets[index]))
-        if not prompts:
-            continue
-        answers = generate_answers(model, processor, prompts, videos, settings)
-        for (record, reference, decoded, target), answer in zip(kept, answers):
-            verdict = verifiers.check(target, answer[0])
-            predictions.append(_prediction(record, reference, answer[0], verdict, decoded=decoded))
-    predictions = [row for _, rows in sorted(processes.gather(by_batch), key=lambda item: item[0]) for row in rows]
+        if prompts:
+            answers = generate_answers(model, processor, prompts, videos, settings)
+            for (record, reference, decoded, target), (text, *_) in zip(kept, answers):
+                predictions.append(_prediction(record, reference, text, verifiers.check(target, text), decoded=decoded))
+        return predictions
+
+    numbered = list(enumerate(records))
+    batches = [numbered[start : start + batch_size] for start in range(0, len(numbered), batch_size)]
+    predictions = []
+    with tqdm(total=len(records), desc="evaluating", unit="sample", disable=not processes.is_main) as progress:
+        for rows in processes.map_batches(batches, answer):  # one prediction per record
+            predictions.extend(rows)
+            progress.update(len(rows))
     return summarize(predictions), predictions
 
 

@@ -112,15 +112,13 @@ def generate_dataset_answers(
     progress = tqdm(
         total=len(records), initial=len(records) - len(todo), desc="generating", unit="sample", disable=not processes.is_main
     )
-    for first in range(0, len(batches), processes.count):
-        mine = first + processes.index
-        rows = processes.gather(_answer_batch(engine, batches[mine], settings) if mine < len(batches) else [])
+    for rows in processes.map_batches(batches, lambda batch: _answer_batch(engine, batch, settings)):
         if processes.is_main:
             with open(output, "a", encoding="utf-8") as sink:
                 sink.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
                 sink.flush()
                 os.fsync(sink.fileno())
-        progress.update(sum(len(batch) for batch in batches[first : first + processes.count]))
+        progress.update(len(rows))  # one line per record
     progress.close()
     return len(todo)
 

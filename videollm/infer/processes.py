@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import pickle
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from transformers import TrainingArguments
 
 T = TypeVar("T")
+B = TypeVar("B")
 
 
 def stable_seed(*parts: Any) -> int:
@@ -68,6 +69,13 @@ class Processes:
         if self.count > 1 and device.type == "cuda" and device.index is None:
             return torch.device("cuda", self.local_index)
         return device
+
+    def map_batches(self, batches: Sequence[B], answer: Callable[[B], list[T]]) -> Iterator[list[T]]:
+        """`answer` every batch, batch `b` on process `b mod count`; yields, on every process, the results of each
+        round of `count` batches in batch order (one round at a time, so a caller can write them as they come)."""
+        for first in range(0, len(batches), self.count):
+            mine = first + self.index
+            yield self.gather(answer(batches[mine]) if mine < len(batches) else [])
 
     def gather(self, items: list[T]) -> list[T]:
         """Every process's `items`, concatenated in process order, on every process."""

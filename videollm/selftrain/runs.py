@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -261,22 +262,19 @@ class Sampler:
             batch = [p for p in prompts[start : start + self.batch_size] if only is None or p.id in only]
             if not all(p.id in done for p in batch):
                 left.append((number, batch))
-        model = None
-        count, answered = self.processes.count, 0
-        for first in range(0, len(left), count):
-            rows = []
-            if first + self.processes.index < len(left):
-                number, batch = left[first + self.processes.index]
-                answered += 1
-                if model is None:
-                    model = model_loader()
-                rows = self._batch(model, batch, stage, step, stable_seed(self.seed, step, stage, number), number, fields)
-            rows = self.processes.gather(rows)
+        model = functools.cache(model_loader)  # loaded once, and only by a process with something to answer
+
+        def answer(item: tuple[int, list[Prompt]]) -> list[dict]:
+            number, batch = item
+            return self._batch(model(), batch, stage, step, stable_seed(self.seed, step, stage, number), number, fields)
+
+        for rows in self.processes.map_batches(left, answer):
             log.append([row for row in rows if row["prompt_id"] not in done])
         if left:
             logger.info(
                 "%s %d, %s: process %d of %d answered %d of the %d batches left", self.step_name, step, stage,
-                self.processes.index, count, answered, len(left),
+                self.processes.index, self.processes.count, len(left[self.processes.index :: self.processes.count]),
+                len(left),
             )  # fmt: skip
         by_prompt: dict[str, list[dict]] = {p.id: [] for p in wanted}
         for row in log.stage_rows(stage):
@@ -357,27 +355,24 @@ def evaluate_labelled(
     load_video = load_video or processor.load_video
     settings = settings or GenerationSettings(max_new_tokens=32)
     prompts = [Prompt(r, fill(template, r)) for r in records]
-    by_batch = []
-    for number, start in enumerate(range(0, len(prompts), batch_size)):
-        if not processes.owns(number):
-            continue
-        predictions: list[dict] = []
-        by_batch.append((number, predictions))
-        batch = prompts[start : start + batch_size]
-        videos, kept = [], []
+
+    def answer(batch: list[Prompt]) -> list[dict]:
+        predictions, videos, kept = [], [], []
         for prompt in batch:
             try:
                 videos.append([load_video(path) for path in prompt.record.videos])
                 kept.append(prompt)
             except VideoDecodeError as error:
                 predictions.append(_prediction(prompt.record, None, None, [], str(error)))
-        if not kept:
-            continue
-        answers = generate_answers(model, processor, [p.messages for p in kept], videos, settings)
-        for prompt, decoded, (answer, *_) in zip(kept, videos, answers):
-            verdict = verifiers.check(prompt.record, answer)
-            predictions.append(_prediction(prompt.record, answer, verdict, [list(v.indices) for v in decoded]))
-    predictions = [row for _, rows in sorted(processes.gather(by_batch), key=lambda item: item[0]) for row in rows]
+        if kept:
+            answers = generate_answers(model, processor, [p.messages for p in kept], videos, settings)
+            for prompt, decoded, (text, *_) in zip(kept, videos, answers):
+                verdict = verifiers.check(prompt.record, text)
+                predictions.append(_prediction(prompt.record, text, verdict, [list(v.indices) for v in decoded]))
+        return predictions
+
+    batches = [prompts[start : start + batch_size] for start in range(0, len(prompts), batch_size)]
+    predictions = [row for rows in processes.map_batches(batches, answer) for row in rows]
     return summarize(predictions), predictions
 
 
