@@ -313,9 +313,7 @@ def train_preferences(
     return result
 
 
-def merged_copy(
-    checkpoint: Path, output_dir: Path, processor: VideoLLMProcessor, training_args: TrainingArguments | None = None
-) -> Path:
+def merged_copy(checkpoint: Path, output_dir: Path, processor: VideoLLMProcessor, training_args: TrainingArguments) -> Path:
     """A full checkpoint of an adapter checkpoint (LoRA merged), written once, by the main process."""
 
     def merge() -> None:
@@ -327,7 +325,7 @@ def merged_copy(
         save_checkpoint(model, processor, partial)
         os.replace(partial, output_dir)
 
-    (Processes.of(training_args) if training_args is not None else Processes()).on_main(merge)
+    Processes.of(training_args).on_main(merge)
     return output_dir.resolve()
 
 
