@@ -9,6 +9,10 @@
         --video_root data/synthetic --mode verify --do_sample true --temperature 1.0 --top_p 0.95 \\
         --num_return_sequences 4 --output data/prefs/verified.jsonl
 
+On several processes (`accelerate launch --num_processes N data_tools/make_preferences.py ...`, one GPU each) the
+questions are shared out by batch; each batch samples from its own seed, so the pairs are those one process makes.
+A question whose video does not decode is skipped with a warning that names it.
+
 The output files are preference JSONL for recipes/dpo.py (`--train_file`, or `--round_train_files` with the stage
 files in the printed order for a curriculum).
 """
@@ -24,6 +28,7 @@ from transformers import HfArgumentParser
 from videollm.data.formats import DataValidationError, load_labelled, write_jsonl
 from videollm.infer.generate import GenerationSettings
 from videollm.infer.placement import PlacementArguments, load_for_inference
+from videollm.infer.processes import Processes
 from videollm.selftrain import (
     PairFilter,
     exclusive_class_verifiers,
@@ -91,18 +96,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
 
-    import torch
-
-    torch.manual_seed(args.seed)
-    model, processor = load_for_inference(args.model, device, dtype)
+    processes = Processes.launched()
+    model, processor = load_for_inference(args.model, processes.place(device), dtype)
     answer = model_answerer(model, processor, settings)
-    common = dict(load_video=processor.load_video, seed=args.seed, video_root=args.video_root, batch_size=args.batch_size)
+    common = dict(load_video=processor.load_video, seed=args.seed, video_root=args.video_root,
+                  batch_size=args.batch_size, processes=processes)  # fmt: skip
     if args.mode == "perturb":
         pair_filter = PairFilter(args.min_length_ratio, args.max_length_ratio)
         rows, report = temporal_pairs(prompts, answer, perturbations=args.perturbation_list(), pair_filter=pair_filter, **common)
     else:
         rows, report = verified_pairs(prompts, answer, verifier_for=exclusive_class_verifiers(prompts),
                                       max_pairs_per_prompt=args.max_pairs_per_prompt, **common)  # fmt: skip
+    if not processes.is_main:
+        return 0
+    for unreadable in report.unreadable:
+        print(f"warning: skipped {unreadable}", file=sys.stderr)
     write_jsonl(args.output, rows)
     print(f"{args.output}: {report} from {len(prompts)} questions")
     if args.mode == "perturb" and args.curriculum_dir:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import torch
 from videollm.data.formats import load_preferences
 from videollm.data.sampling import SamplingSpec
 from videollm.data.synthetic import SyntheticConfig, generate_dataset
-from videollm.data.video import DecodedVideo
+from videollm.data.video import DecodedVideo, VideoDecodeError
 from videollm.model.checkpoint import save_checkpoint
 from videollm.model.presets import build_tiny_model_and_processor
 from videollm.selftrain import (
@@ -172,6 +174,38 @@ def test_verified_pairs_prefer_answers_that_match_the_label():
     assert all(r["question_id"] == "q0" for r in rows) and len({r["id"] for r in rows}) == len(rows)
 
 
+def test_a_question_whose_video_does_not_decode_is_dropped_and_named():
+    items = prompts(["right"] * 3)
+
+    def load(path: str) -> DecodedVideo:
+        if path.endswith("clip1.mp4"):
+            raise VideoDecodeError(path, "truncated")
+        return ramp_video(path=path)
+
+    rows, report = temporal_pairs(items, order_answerer, load_video=load, perturbations=[("reverse", 8)], batch_size=2)
+    assert [r["question_id"] for r in rows] == ["q0", "q2"]
+    assert report.kept == 2 and report.dropped == {"unreadable_video": 1}
+    assert len(report.unreadable) == 1 and report.unreadable[0].startswith("q1: ") and "clip1.mp4" in report.unreadable[0]
+
+
+def test_each_batch_samples_from_its_own_seed():
+    """A batch draws the same answers whatever ran before it in this process (so N processes draw what one does)."""
+    items = prompts(["right", "left", "right", "left"])
+    drawn: list[list[str]] = []
+
+    def sampler(conversations, videos):
+        answers = [[f"{torch.randint(100, ()).item()}" for _ in range(3)] for _ in conversations]
+        drawn.append(answers)
+        return answers
+
+    build = dict(load_video=lambda path: ramp_video(path=path), batch_size=2, seed=7)
+    verified_pairs(items, sampler, **build)
+    torch.rand(5)  # the global generator moves on between the runs
+    verified_pairs(items[:2], sampler, **build)
+    verified_pairs(items, sampler, **{**build, "seed": 8})
+    assert drawn[0] != drawn[1] and drawn[2] == drawn[0] and drawn[3:5] != drawn[:2]
+
+
 def test_curriculum_orders_stages_from_coarse_to_fine(tmp_path):
     rows = [{"id": str(i), "prompt": "<video>\nq", "video": "a.mp4", "chosen": "a", "rejected": "b", "magnitude": m}
             for i, m in enumerate([2, 8, 4, 8, 2])]  # fmt: skip
@@ -184,24 +218,41 @@ def test_curriculum_orders_stages_from_coarse_to_fine(tmp_path):
     assert args.rounds == 3  # one DPO round per stage
 
 
-def test_make_preferences_writes_pairs_and_curriculum_stages(tmp_path):
+def test_make_preferences_writes_pairs_and_curriculum_stages_on_one_or_two_processes(tmp_path):
+    """One process in this one, then `accelerate launch` on 2: each answers every other one-question batch (2 of 4),
+    drawing from the batch's own seed, so the sampled pairs are the same; the question whose video is corrupt is
+    skipped and named once."""
     sys.path.insert(0, str(REPO / "data_tools"))
     from make_preferences import main
 
     data = tmp_path / "synthetic"
     generate_dataset(SyntheticConfig(output_dir=str(data), num_train=4, num_eval=1, num_test=1))
+    labels = [json.loads(line) for line in (data / "labels_train.jsonl").read_text().splitlines()]
+    corrupt = next(r for r in labels if r["type"] == "direction")
+    (data / corrupt["video"]).write_bytes(b"not a video")
     torch.manual_seed(0)
     model, processor = build_tiny_model_and_processor("mlp", sampling=SamplingSpec(num_frames=4))
     save_checkpoint(model, processor, tmp_path / "model")
+    argv = ["--model", str(tmp_path / "model"), "--input", str(data / "labels_train.jsonl"), "--video_root", str(data),
+            "--types", "direction", "--perturbations", "reverse:4", "shuffle:2", "--do_sample", "true",
+            "--temperature", "2.0", "--max_new_tokens", "3", "--batch_size", "1"]  # fmt: skip
     output = tmp_path / "prefs" / "temporal.jsonl"
-    code = main(["--model", str(tmp_path / "model"), "--input", str(data / "labels_train.jsonl"), "--video_root", str(data),
-                 "--types", "direction", "--perturbations", "reverse:4", "shuffle:2", "--do_sample", "true",
-                 "--temperature", "2.0", "--max_new_tokens", "3", "--output", str(output),
-                 "--curriculum_dir", str(tmp_path / "stages")])  # fmt: skip
+    code = main([*argv, "--output", str(output), "--curriculum_dir", str(tmp_path / "stages")])
     assert code == 0
+
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(REPO / "launch/cpu_2proc.yaml")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    two = subprocess.run([*launcher, str(REPO / "data_tools/make_preferences.py"), *argv, "--output", str(tmp_path / "two.jsonl")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count(f"warning: skipped {corrupt['id']}: ") == 1 and corrupt["video"] in two.stderr
+    assert two.stdout.count("unreadable_video=1") == 1 and "from 4 questions" in two.stdout
+    assert (tmp_path / "two.jsonl").read_text() == output.read_text()
+
     records = load_preferences(output, video_root=data)
     assert records and {r.meta["perturbation"] for r in records} <= {"reverse", "shuffle"}
     assert all(r.meta["question_id"].endswith("_direction") for r in records)
+    assert corrupt["id"] not in {r.meta["question_id"] for r in records}
     assert {r.id for r in records} == {f"{r.meta['question_id']}_{r.meta['perturbation']}_{r.meta['magnitude']}" for r in records}
     preference_rows(records)  # marked phrases are valid
     stages = sorted((tmp_path / "stages").iterdir())

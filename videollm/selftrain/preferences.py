@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from videollm.data.formats import LabelledRecord, write_jsonl
-from videollm.data.video import DecodedVideo
-from videollm.infer.processes import stable_seed
+from videollm.data.video import DecodedVideo, VideoDecodeError
+from videollm.infer.processes import Processes, stable_seed
 from videollm.selftrain.verifiers import RecordVerifiers, Verifier, get_verifier, normalize_answer
 
 PERTURBATIONS = ("shuffle", "reverse", "drop")
@@ -166,14 +166,19 @@ def _relative(path: str, root: str | None) -> str:
 
 @dataclass
 class BuildReport:
-    """What a builder kept and dropped, by reason."""
+    """What a builder kept and dropped, by reason; `unreadable` names each question dropped for its video, and why."""
 
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
+    unreadable: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items())) or "none"
         return f"{self.kept} pairs kept; dropped: {reasons}"
+
+
+# What a batch of questions gave: the rows kept, and why each other pair was dropped.
+_BatchPairs = tuple[list[dict], list[str]]
 
 
 def verified_pairs(
@@ -185,30 +190,34 @@ def verified_pairs(
     seed: int = 0,
     video_root: str | None = None,
     batch_size: int = 8,
+    processes: Processes = Processes(),
 ) -> tuple[list[dict], BuildReport]:
     """Pairs from labelled prompts: `answer` samples k answers each; verified ones are chosen, failed ones rejected.
 
     `verifier_for` picks each prompt's verifier; by default the one of its `label_type`. A prompt with no verified or
-    no failed answer gives no pair. Duplicate answers count once; pairs are drawn at random (seeded), at most
-    `max_pairs_per_prompt` per prompt.
+    no failed answer gives no pair. Duplicate answers count once; pairs are drawn at random (seeded per prompt), at
+    most `max_pairs_per_prompt` per prompt. Batch `b` is answered by process `b mod N` of `processes`, from its own
+    seed; a question whose video does not decode is dropped and named in the report.
     """
-    rows, report, rng = [], BuildReport(), random.Random(seed)
-    for batch in _batches(prompts, batch_size):
-        videos = [[load_video(path) for path in p.videos] for p in batch]
+
+    def pairs_of(batch: Sequence[Prompt], videos: list[list[DecodedVideo]]) -> _BatchPairs:
+        rows, dropped = [], []
         for prompt, answers in zip(batch, answer([p.messages for p in batch], videos)):
             check = verifier_for(prompt) if verifier_for else get_verifier(prompt.label_type)
             unique = list(dict.fromkeys(a.strip() for a in answers if a.strip()))
             right = [a for a in unique if check(a, prompt.label)]
             wrong = [a for a in unique if a not in right]
             if not right or not wrong:
-                report.dropped["all_wrong" if not right else "all_right"] += 1
+                dropped.append("all_wrong" if not right else "all_right")
                 continue
             pairs = [(c, r) for c in right for r in wrong]
-            for number, (chosen, rejected) in enumerate(rng.sample(pairs, min(max_pairs_per_prompt, len(pairs)))):
+            drawn = random.Random(stable_seed(seed, prompt.id)).sample(pairs, min(max_pairs_per_prompt, len(pairs)))
+            for number, (chosen, rejected) in enumerate(drawn):
                 pair_id = f"{prompt.id}_verified_{number}"
                 rows.append(preference_record(prompt, pair_id, chosen, rejected, video_root, label=prompt.label))
-                report.kept += 1
-    return rows, report
+        return rows, dropped
+
+    return _build_pairs(prompts, load_video, pairs_of, seed, batch_size, processes)
 
 
 def temporal_pairs(
@@ -220,16 +229,19 @@ def temporal_pairs(
     seed: int = 0,
     video_root: str | None = None,
     batch_size: int = 8,
+    processes: Processes = Processes(),
 ) -> tuple[list[dict], BuildReport]:
     """Pairs from the model's answers on clean (chosen) and perturbed (rejected) videos, one per (prompt, perturbation).
 
     `answer` should be greedy (or low temperature): then a different answer is caused by the perturbation. Each kept
     pair records `perturbation`, `magnitude` and the differing phrases (`chosen_phrases`, `rejected_phrases`).
+    Batch `b` is answered by process `b mod N` of `processes`, from its own seed; a question whose video does not
+    decode is dropped and named in the report.
     """
     pair_filter = pair_filter or PairFilter()
-    rows, report = [], BuildReport()
-    for batch in _batches(prompts, batch_size):
-        clean = [[load_video(path) for path in p.videos] for p in batch]
+
+    def pairs_of(batch: Sequence[Prompt], clean: list[list[DecodedVideo]]) -> _BatchPairs:
+        rows, dropped = [], []
         messages = [p.messages for p in batch]
         chosen = [answers[0].strip() for answers in answer(messages, clean)]
         for kind, magnitude in perturbations:
@@ -241,7 +253,7 @@ def temporal_pairs(
             for prompt, good, bad in zip(batch, chosen, rejected):
                 reason = pair_filter.reason(good, bad)
                 if reason:
-                    report.dropped[reason] += 1
+                    dropped.append(reason)
                     continue
                 chosen_phrases, rejected_phrases = differing_phrases(good, bad)
                 rows.append(
@@ -250,7 +262,45 @@ def temporal_pairs(
                         magnitude=magnitude, chosen_phrases=chosen_phrases, rejected_phrases=rejected_phrases,
                     )  # fmt: skip
                 )
-                report.kept += 1
+        return rows, dropped
+
+    return _build_pairs(prompts, load_video, pairs_of, seed, batch_size, processes)
+
+
+def _build_pairs(
+    prompts: Sequence[Prompt],
+    load_video: Callable[[str], DecodedVideo],
+    pairs_of: Callable[[Sequence[Prompt], list[list[DecodedVideo]]], _BatchPairs],
+    seed: int,
+    batch_size: int,
+    processes: Processes,
+) -> tuple[list[dict], BuildReport]:
+    """What the builders share: prompts cut into batches, batch `b` answered by process `b mod N` after seeding torch
+    with its own seed (so sampled answers are those one process draws, and a changed batch changes nothing else), and
+    questions whose video does not decode dropped and named instead of ending the run. Rows come in prompt order."""
+
+    def answer_batch(item: tuple[int, Sequence[Prompt]]) -> list[tuple[list[dict], list[str], list[str]]]:
+        number, batch = item
+        readable, videos, unreadable = [], [], []
+        for prompt in batch:
+            try:
+                videos.append([load_video(path) for path in prompt.videos])
+                readable.append(prompt)
+            except VideoDecodeError as error:
+                unreadable.append(f"{prompt.id}: {error}")
+        torch.manual_seed(stable_seed(seed, "batch", number))
+        rows, dropped = pairs_of(readable, videos) if readable else ([], [])
+        return [(rows, dropped, unreadable)]
+
+    rows, report = [], BuildReport()
+    for results in processes.map_batches(list(enumerate(_batches(prompts, batch_size))), answer_batch):
+        for batch_rows, dropped, unreadable in results:
+            rows.extend(batch_rows)
+            report.kept += len(batch_rows)
+            report.dropped.update(dropped)
+            if unreadable:
+                report.dropped["unreadable_video"] += len(unreadable)
+                report.unreadable.extend(unreadable)
     return rows, report
 
 
