@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +13,8 @@ from videollm.infer.batch import main as batch_main
 from videollm.infer.generate import GenerationSettings
 from videollm.infer.session import InferenceEngine
 
-REPO = Path(__file__).resolve().parents[1]
+from commands import TWO_CPU_PROCESSES, run
+
 SETTINGS = GenerationSettings(max_new_tokens=4)
 
 
@@ -78,10 +75,7 @@ def test_two_processes_resume_a_partial_file_into_the_one_process_file(checkpoin
     batch_main([*argv, "--output", str(tmp_path / "one.jsonl")])
     one = (tmp_path / "one.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "two.jsonl").write_text("".join(one[:3]))
-    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(REPO / "launch/cpu_2proc.yaml")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([*launcher, "-m", "videollm.infer.batch", *argv, "--output", str(tmp_path / "two.jsonl")],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = run([*TWO_CPU_PROCESSES, "-m", "videollm.infer.batch", *argv, "--output", str(tmp_path / "two.jsonl")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == f"6 answered, 3 already in {tmp_path / 'two.jsonl'}"
     assert result.stdout.count("answered") == 1

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import runpy
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -41,8 +39,8 @@ from videollm.train.dpo import (
 )
 from videollm.train.losses import NO_PHRASE, gather_logprobs
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
+from commands import REPO, TWO_CPU_PROCESSES, run
+
 FRAMES = 4
 LOGGED_EVERY_STEP = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"]
 
@@ -557,11 +555,6 @@ def test_second_round_reference_is_the_first_rounds_merged_policy(base, processo
 # ---- the recipe ---------------------------------------------------------------------------------------------------------
 
 
-def run(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.parametrize(
     "extra",
     [[], ["--rounds", "2", "--precompute_ref_log_probs", "true"], ["--feature_cache_dir", "projector"]],
@@ -570,12 +563,11 @@ def run(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess
 def test_two_process_ddp_dpo_on_cpu(synthetic, checkpoint, feature_caches, tmp_path, extra):
     out = tmp_path / "out"
     extra = [str(feature_caches[a]) if a in feature_caches else a for a in extra]
-    launcher = [str(VENV_BIN / "accelerate"), "launch", "--config_file", "launch/cpu_2proc.yaml"]
-    result = run([*launcher, "recipes/dpo.py", "--config", "recipes/configs/dpo_tiny.yaml",
+    result = run([*TWO_CPU_PROCESSES, "recipes/dpo.py", "--config", "recipes/configs/dpo_tiny.yaml",
                   "--model_name_or_path", str(checkpoint), "--train_file", str(synthetic / "preference_train.jsonl"),
                   "--video_root", str(synthetic), "--output_dir", str(out), "--max_steps", "3",
                   "--per_device_train_batch_size", "2", "--dataloader_num_workers", "0", "--learning_rate", "1e-2",
-                  "--warmup_steps", "0", *extra])  # fmt: skip
+                  "--warmup_steps", "0", *extra], timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     finished = sorted(re.findall(r"rank (\d) of (\d) finished after (\d+) steps", result.stdout))
     assert finished == [("0", "2", "3"), ("1", "2", "3")], result.stdout[-2000:]

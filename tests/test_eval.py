@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +17,9 @@ from videollm.selftrain.verifiers import RecordVerifiers
 from videollm.model.checkpoint import save_checkpoint
 from videollm.model.presets import build_tiny_model_and_processor
 
+from commands import TWO_CPU_PROCESSES, run
 
-REPO = Path(__file__).resolve().parents[1]
+
 DIRECTIONS = ["left", "right", "up", "down"]
 
 
@@ -104,10 +101,7 @@ def test_eval_on_two_processes_gives_what_one_process_gives(checkpoint_and_data,
     argv = ["--model", str(checkpoint), "--data", str(data / "test.jsonl"), "--video_root", str(data),
             "--max_new_tokens", "4", "--batch_size", "2", "--shuffle_frames"]  # fmt: skip
     eval_main([*argv, "--output", str(tmp_path / "one.json")])
-    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(REPO / "launch/cpu_2proc.yaml")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([*launcher, "-m", "videollm.eval", *argv, "--output", str(tmp_path / "two.json")],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = run([*TWO_CPU_PROCESSES, "-m", "videollm.eval", *argv, "--output", str(tmp_path / "two.json")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("frames shuffled") == 1  # the table, printed by the first process only
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +28,7 @@ from videollm.selftrain import (
 from videollm.selftrain.verifiers import ClassVerifier, get_verifier
 from videollm.train.dpo import VideoDPOConfig, preference_rows
 
-REPO = Path(__file__).resolve().parents[1]
+from commands import REPO, TWO_CPU_PROCESSES, run
 
 
 def ramp_video(num_frames: int = 8, path: str = "ramp.mp4") -> DecodedVideo:
@@ -240,10 +237,7 @@ def test_make_preferences_writes_pairs_and_curriculum_stages_on_one_or_two_proce
     code = main([*argv, "--output", str(output), "--curriculum_dir", str(tmp_path / "stages")])
     assert code == 0
 
-    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(REPO / "launch/cpu_2proc.yaml")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    two = subprocess.run([*launcher, str(REPO / "data_tools/make_preferences.py"), *argv, "--output", str(tmp_path / "two.jsonl")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    two = run([*TWO_CPU_PROCESSES, "data_tools/make_preferences.py", *argv, "--output", str(tmp_path / "two.jsonl")])
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stderr.count(f"warning: skipped {corrupt['id']}: ") == 1 and corrupt["video"] in two.stderr
     assert two.stdout.count("unreadable_video=1") == 1 and "from 4 questions" in two.stdout

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,8 +14,8 @@ import torch
 from videollm.data.synthetic import SyntheticConfig, generate_dataset
 from videollm.model.checkpoint import load_model
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
+from commands import TWO_CPU_PROCESSES, accelerate_launch, run
+
 TINY_CONFIG = "recipes/configs/sft_tiny.yaml"
 
 
@@ -26,11 +24,6 @@ def synthetic(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     generate_dataset(SyntheticConfig(output_dir=str(root), num_train=16, num_eval=4, num_test=4))
     return root
-
-
-def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def sft_args(data: Path, output_dir: Path, *extra: str) -> list[str]:
@@ -116,13 +109,13 @@ def _two_rank_run(synthetic: Path, output_dir: Path, launcher: list[str]) -> str
 
 
 def test_two_process_ddp_on_cpu(synthetic, tmp_path):
-    launcher = [str(VENV_BIN / "accelerate"), "launch", "--config_file", "launch/cpu_2proc.yaml"]
+    launcher = TWO_CPU_PROCESSES
     _two_rank_run(synthetic, tmp_path / "out", launcher)
     load_model(tmp_path / "out")
 
 
 def test_two_process_deepspeed_zero2_on_cpu(synthetic, tmp_path):
-    launcher = [str(VENV_BIN / "accelerate"), "launch", "--config_file", "launch/cpu_2proc_zero2.yaml"]
+    launcher = accelerate_launch("launch/cpu_2proc_zero2.yaml")
     stdout = _two_rank_run(synthetic, tmp_path / "out", launcher)
     assert "zero_stage=2" in stdout
     load_model(tmp_path / "out")
@@ -144,7 +137,7 @@ def test_two_process_deepspeed_zero3_from_pretrained_parts_on_cpu(synthetic, tmp
     tower.save_pretrained(tmp_path / "siglip")
     llm.save_pretrained(tmp_path / "qwen")
     tokenizer.save_pretrained(tmp_path / "qwen")
-    launcher = [str(VENV_BIN / "accelerate"), "launch", "--config_file", "launch/cpu_2proc_zero3.yaml"]
+    launcher = accelerate_launch("launch/cpu_2proc_zero3.yaml")
     parts = ["--tiny", "false", "--vision_name_or_path", str(tmp_path / "siglip"), "--llm_name_or_path",
              str(tmp_path / "qwen"), "--tune_llm", "lora", "--lora_r", "8"]  # fmt: skip
     result = run([*launcher, *sft_args(synthetic, tmp_path / "out", "--max_steps", "6", "--learning_rate", "3e-3",
@@ -169,7 +162,7 @@ def test_star_cycle_on_two_deepspeed_zero3_processes_generates_with_whole_weight
     """Under ZeRO-3 transformers partitions every model it loads, so sampling and evaluation load theirs with whole
     weights; the two processes then answer different numbers of batches (2 and 1 of 3) without waiting for each
     other's decoding steps (transformers' lockstep decoding under ZeRO-3 hung them), and train partitioned."""
-    launcher = [str(VENV_BIN / "accelerate"), "launch", "--config_file", "launch/cpu_2proc_zero3.yaml"]
+    launcher = accelerate_launch("launch/cpu_2proc_zero3.yaml")
     result = run([*launcher, "recipes/star.py", "--config", "recipes/configs/star_tiny.yaml", "--model_name_or_path",
                   str(saved_model), "--train_file", str(synthetic / "labels_train.jsonl"), "--eval_file",
                   str(synthetic / "labels_eval.jsonl"), "--video_root", str(synthetic), "--output_dir", str(tmp_path / "run"),

@@ -25,7 +25,8 @@ from videollm.model.presets import build_tiny_model_and_processor
 from videollm.train.checkpointing import checkpoint_step, resolve_latest_checkpoint
 from videollm.train.sft import VideoSFTConfig, VideoSFTTrainer
 
-REPO = Path(__file__).resolve().parents[1]
+from commands import REPO, command_env
+
 COMPARED_STEPS = 20
 FRAMES = 2
 
@@ -49,9 +50,8 @@ def base(tmp_path_factory) -> Path:
 
 def launch(args: list[str], log: Path) -> subprocess.Popen:
     """Start a recipe; its output goes to `log` (a pipe nobody reads while we wait could fill up and stall it)."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     with open(log, "w") as output:
-        return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, *args], cwd=REPO, env=command_env(), stdout=output, stderr=subprocess.STDOUT)
 
 
 def finish(process: subprocess.Popen, log: Path, timeout: float = 300) -> None:

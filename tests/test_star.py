@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
@@ -43,7 +42,8 @@ from videollm.train.config import DataArguments, ModelArguments, parse_config
 from videollm.train.dpo import VideoDPOConfig
 from videollm.train.sft import VideoSFTConfig
 
-REPO = Path(__file__).resolve().parents[1]
+from commands import REPO, TWO_CPU_PROCESSES, command_env, run
+
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 FRAMES = 4
 PROVENANCE = {"cycle", "stage", "prompt_id", "sampler", "frame_indices", "verdict", "score", "rationalized", "answer",
@@ -456,12 +456,6 @@ def test_self_preference_round_mines_pairs_and_trains_a_dpo_round(synthetic, see
 # ---- the recipes as users run them ----------------------------------------------------------------------------------
 
 
-def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    # PYTHONPATH: the recipe imports this module's verifier by its dotted path
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def recipe_argv(recipe: str, synthetic: Path, seed_model: Path, output_dir: Path, *extra: str) -> list[str]:
     """A self-training recipe's command line on the tiny task: 6 questions answered one per batch, 3 evaluated, one
     cycle (or round) of 2 training steps."""
@@ -479,7 +473,6 @@ def recipe_argv(recipe: str, synthetic: Path, seed_model: Path, output_dir: Path
 
 # the policy judges its own answers (continuous scores, so pairs form), trained with LoRA and merged after the round
 SELF_JUDGED_LORA = ["--scorer", "judge", "--borrow_rejected", "false", "--tune_llm", "lora", "--lora_r", "4"]
-TWO_PROCESSES = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "launch/cpu_2proc.yaml"]
 
 
 @pytest.fixture(scope="module")
@@ -496,8 +489,7 @@ def test_star_recipe_killed_mid_generation_resumes_and_skips_finished_cycles(sta
 
     # SIGKILL as soon as the first batch of answers is on disk, then the same command again
     argv = [sys.executable, *recipe_argv("star", synthetic, seed_model, tmp_path / "b")]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    killed = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen(argv, cwd=REPO, env=command_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     samples = tmp_path / "b" / "cycle_1" / "samples.jsonl"
     deadline = time.monotonic() + 240
     while killed.poll() is None and time.monotonic() < deadline and not (samples.is_file() and samples.stat().st_size):
@@ -527,7 +519,7 @@ def test_self_training_on_two_processes_shares_the_sampling_and_draws_what_one_p
         one = tmp_path / "one"
         single = run([sys.executable, *recipe_argv(recipe, synthetic, seed_model, one, *extra)])
         assert single.returncode == 0, single.stderr[-3000:]
-    two = run([*TWO_PROCESSES, *recipe_argv(recipe, synthetic, seed_model, tmp_path / "two", *extra)], timeout=600)
+    two = run([*TWO_CPU_PROCESSES, *recipe_argv(recipe, synthetic, seed_model, tmp_path / "two", *extra)], timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("summary:") == 1  # printed by the main process only
 
@@ -549,11 +541,11 @@ def test_self_training_on_two_processes_shares_the_sampling_and_draws_what_one_p
     if recipe != "star":
         return  # resumption is the run directory's, the same for both recipes
 
-    again = run([*TWO_PROCESSES, *recipe_argv(recipe, synthetic, seed_model, tmp_path / "two")], timeout=600)
+    again = run([*TWO_CPU_PROCESSES, *recipe_argv(recipe, synthetic, seed_model, tmp_path / "two")], timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("summary:") == 1
     assert "answered" not in again.stderr and "finished after" not in again.stderr  # nothing generated or trained again
-    other = run([*TWO_PROCESSES, *recipe_argv(recipe, synthetic, seed_model, tmp_path / "two", "--num_samples", "3")])
+    other = run([*TWO_CPU_PROCESSES, *recipe_argv(recipe, synthetic, seed_model, tmp_path / "two", "--num_samples", "3")])
     assert other.returncode != 0
     # one line from each process (the two may interleave in the shared stderr)
     assert other.stderr.count("error: output_dir") == other.stderr.count("(num_samples: 2 -> 3)") == 2, other.stderr[-3000:]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,8 @@ from videollm.data.sampling import SamplingSpec
 from videollm.data.synthetic import SyntheticConfig, generate_dataset
 from videollm.model.presets import build_tiny_model_and_processor
 
-REPO = Path(__file__).resolve().parents[1]
+from commands import REPO, command_env
+
 SCRIPT = REPO / "data_tools" / "validate.py"
 
 
@@ -74,12 +74,10 @@ def test_validate_reports_every_bad_record_and_keeps_the_good_lines_byte_for_byt
     source = tmp_path / "mixed.jsonl"
     source.write_bytes("".join(text for text, _ in lines).encode("utf-8"))
     report, clean = tmp_path / "report.json", tmp_path / "clean.jsonl"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-
     result = subprocess.run(
         [sys.executable, str(SCRIPT), str(source), "--video_root", str(data), "--processor", str(processor_dir),
          "--max_length", "64", "--num_workers", "1", "--report", str(report), "--output", str(clean), "--no_progress"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=command_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 
     assert result.returncode == 1, result.stderr[-3000:]
