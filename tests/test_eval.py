@@ -10,9 +10,12 @@ import torch
 import videollm  # noqa: F401  (registers the Auto classes)
 from videollm.data.sampling import SamplingSpec
 from videollm.data.synthetic import SyntheticConfig, generate_dataset
-from videollm.data.formats import ConversationRecord, Message
+from videollm.data.formats import ConversationRecord, LabelledRecord, Message
+from videollm.data.video import DecodedVideo, VideoDecodeError
+from videollm.infer.generate import GenerationSettings
 from videollm.eval.__main__ import ScoringTarget
 from videollm.eval.__main__ import main as eval_main
+from videollm.eval.scoring import Question, score_answers
 from videollm.selftrain.verifiers import RecordVerifiers
 from videollm.model.checkpoint import save_checkpoint
 from videollm.model.presets import build_tiny_model_and_processor
@@ -61,6 +64,33 @@ def test_a_record_label_is_preferred_over_the_reference_text():
     target = _target("The square moves to the left.", label="left")
     assert target.label == "left" and target.label_type == "class"
     assert RecordVerifiers([target]).check(target, "left")
+
+
+def test_a_wrong_answer_keeps_its_partial_score_and_reason_and_an_unreadable_video_its_error(monkeypatch):
+    """The prediction rows of the evaluator and of self-training's evaluations (one loop, `score_answers`)."""
+    import videollm.eval.scoring as scoring
+
+    questions = [
+        Question(f"q{i}", [{"role": "user", "content": "<video>\nWhen?"}], [f"clip{i}.mp4"],
+                 LabelledRecord(f"q{i}", "When?", [1.5, 3.0], "time_range", [f"clip{i}.mp4"], "l:1", {"type": "when"}),
+                 {"label": [1.5, 3.0]})
+        for i in range(3)
+    ]  # fmt: skip
+
+    def load(path: str) -> DecodedVideo:
+        if path == "clip1.mp4":
+            raise VideoDecodeError(path, "truncated")
+        return DecodedVideo(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), [0, 1], [0.0, 1.0], 2.0, path)
+
+    answers = iter([["from 0 to 2 s"], ["from 1.5 to 3 s"]])
+    monkeypatch.setattr(scoring, "generate_answers", lambda model, processor, prompts, *_: [next(answers) for _ in prompts])
+    summary, rows = score_answers(None, None, questions, RecordVerifiers([q.target for q in questions]),
+                                  GenerationSettings(), load_video=load)  # fmt: skip
+    wrong, unreadable, right = sorted(rows, key=lambda row: row["id"])
+    assert (wrong["correct"], round(wrong["score"], 4), wrong["reason"]) == (False, 0.1667, "IoU 0.17 <= 0.5")
+    assert (right["correct"], right["score"], right["label"]) == (True, 1.0, [1.5, 3.0])
+    assert unreadable["prediction"] is None and "truncated" in unreadable["error"] and unreadable["reason"] is None
+    assert summary["by_type"] == {"when": {"accuracy": 1 / 3, "correct": 1, "total": 3}} and summary["num_errors"] == 1
 
 
 @pytest.fixture(scope="module")

@@ -13,24 +13,22 @@ the ones one process gives (greedy answers; a record's frame permutation is seed
 from __future__ import annotations
 
 import json
-import random
 import sys
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
-from tqdm import tqdm
 from transformers import HfArgumentParser
 
 from videollm.data.dataset import record_messages
 from videollm.data.formats import ConversationRecord, DataValidationError, load_conversations, write_jsonl
-from videollm.data.video import DecodedVideo, VideoDecodeError
-from videollm.infer.generate import GenerationSettings, generate_answers
+from videollm.data.processor import VideoLLMProcessor
+from videollm.eval.scoring import Question, score_answers
+from videollm.infer.generate import GenerationSettings
 from videollm.infer.placement import PlacementArguments, load_for_inference
-from videollm.infer.processes import Processes, stable_seed
+from videollm.infer.processes import Processes
 from videollm.selftrain.verifiers import RecordVerifiers
 
 
@@ -73,24 +71,9 @@ class ScoringTarget:
         return cls(meta.get("label", reference), meta.get("label_type", default_type), meta, reference)
 
 
-def shuffled(video: DecodedVideo, rng: random.Random) -> DecodedVideo:
-    """The same frames in a random order that differs from the original (when there are 2+ distinct frames)."""
-    order = list(range(video.frames.shape[0]))
-    if len(order) > 1:
-        while order == sorted(order):
-            rng.shuffle(order)
-    return DecodedVideo(
-        frames=video.frames[torch.tensor(order)],
-        indices=[video.indices[i] for i in order],
-        timestamps=list(video.timestamps),
-        duration=video.duration,
-        path=video.path,
-    )
-
-
 def evaluate(
     model: torch.nn.Module,
-    processor,
+    processor: VideoLLMProcessor,
     records: list[ConversationRecord],
     settings: GenerationSettings,
     batch_size: int = 16,
@@ -99,75 +82,20 @@ def evaluate(
     verifier: str | None = None,
     processes: Processes = Processes(),
 ) -> tuple[dict, list[dict]]:
-    """Generate an answer for every record and score it with its verifier; returns (summary, per-sample predictions).
-
-    On several `processes`, each answers its share of the batches and every process returns all predictions, in
-    record order."""
-    targets = [ScoringTarget.of(record, _last_answer(record_messages(record))["content"]) for record in records]
-    verifiers = RecordVerifiers(targets, spec=verifier)
-
-    def answer(batch: list[tuple[int, ConversationRecord]]) -> list[dict]:
-        predictions, prompts, videos, kept = [], [], [], []
-        for index, record in batch:
-            messages = record_messages(record)
-            last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            try:
-                decoded = [processor.load_video(v) for v in record.videos]
-            except VideoDecodeError as error:
-                predictions.append(_prediction(record, messages[last_answer]["content"], None, None, error=str(error)))
-                continue
-            if shuffle_frames:
-                rng = random.Random(stable_seed(seed, record.id))
-                decoded = [shuffled(v, rng) for v in decoded]
-            prompts.append(messages[:last_answer])
-            videos.append(decoded)
-            kept.append((record, messages[last_answer]["content"], decoded, targets[index]))
-        if prompts:
-            answers = generate_answers(model, processor, prompts, videos, settings)
-            for (record, reference, decoded, target), (text, *_) in zip(kept, answers):
-                predictions.append(_prediction(record, reference, text, verifiers.check(target, text), decoded=decoded))
-        return predictions
-
-    numbered = list(enumerate(records))
-    batches = [numbered[start : start + batch_size] for start in range(0, len(numbered), batch_size)]
-    predictions = []
-    with tqdm(total=len(records), desc="evaluating", unit="sample", disable=not processes.is_main) as progress:
-        for rows in processes.map_batches(batches, answer):  # one prediction per record
-            predictions.extend(rows)
-            progress.update(len(rows))
-    return summarize(predictions), predictions
-
-
-def _last_answer(messages: list[dict]) -> dict:
-    return [m for m in messages if m["role"] == "assistant"][-1]
-
-
-def _prediction(record, reference, prediction, verdict, decoded=None, error=None) -> dict:
-    return {
-        "id": record.id,
-        "type": record.meta.get("type", "all"),
-        "prediction": prediction,
-        "reference": reference,
-        "correct": bool(verdict),
-        "verdict": verdict.reason if verdict is not None else None,
-        "frame_indices": [list(v.indices) for v in decoded] if decoded else [],
-        "error": error,
-    }
-
-
-def summarize(predictions: list[dict]) -> dict:
-    by_type: dict[str, list[bool]] = defaultdict(list)
-    for p in predictions:
-        by_type[p["type"]].append(p["correct"])
-    total = sum(p["correct"] for p in predictions)
-    return {
-        "accuracy": total / len(predictions) if predictions else 0.0,
-        "num_samples": len(predictions),
-        "num_errors": sum(p["error"] is not None for p in predictions),
-        "by_type": {
-            t: {"accuracy": sum(v) / len(v), "correct": sum(v), "total": len(v)} for t, v in sorted(by_type.items())
-        },
-    }
+    """Answer every record (the turns before its last answer) and score the answer against its label or reference;
+    returns (summary, per-record predictions, in record order, on every process)."""
+    questions = []
+    for record in records:
+        messages = record_messages(record)
+        last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        reference = messages[last_answer]["content"]
+        target = ScoringTarget.of(record, reference)
+        questions.append(Question(record.id, messages[:last_answer], record.videos, target, {"reference": reference}))
+    verifiers = RecordVerifiers([q.target for q in questions], spec=verifier)
+    return score_answers(
+        model, processor, questions, verifiers, settings, batch_size, shuffle_frames=shuffle_frames, seed=seed,
+        processes=processes,
+    )  # fmt: skip
 
 
 def print_table(summary: dict, title: str) -> None:

@@ -49,6 +49,7 @@ from videollm.data.feature_cache import FeatureCache
 from videollm.data.formats import LabelledRecord, load_labelled, write_jsonl
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.video import DecodedVideo, VideoDecodeError
+from videollm.eval.scoring import Question, score_answers
 from videollm.infer.generate import GenerationSettings, generate_answers
 from videollm.infer.placement import load_for_inference
 from videollm.infer.processes import Processes, stable_seed
@@ -344,44 +345,11 @@ def evaluate_labelled(
     load_video: Callable[[str], DecodedVideo] | None = None,
     processes: Processes = Processes(),
 ) -> tuple[dict, list[dict]]:
-    """Greedy answers to labelled questions, scored by the run's verifiers; returns (summary, predictions).
-
-    The summary is `videollm.eval`'s: accuracy overall and by question type (``meta["type"]``). `load_video` reads
-    each video (default: the processor's decoder; `FeatureCache.get` in a run with a feature cache). On several
-    processes, each answers its share of the batches and every process returns all predictions, in record order.
-    """
-    from videollm.eval.__main__ import summarize
-
-    load_video = load_video or processor.load_video
+    """Greedy answers to labelled questions (asked through `template`), scored by the run's verifiers; returns
+    (summary, predictions) as `videollm.eval` does, from the same loop (`score_answers`)."""
+    questions = [Question(r.id, Prompt(r, fill(template, r)).messages, r.videos, r, {"label": r.label}) for r in records]
     settings = settings or GenerationSettings(max_new_tokens=32)
-    prompts = [Prompt(r, fill(template, r)) for r in records]
-
-    def answer(batch: list[Prompt]) -> list[dict]:
-        predictions, videos, kept = [], [], []
-        for prompt in batch:
-            try:
-                videos.append([load_video(path) for path in prompt.record.videos])
-                kept.append(prompt)
-            except VideoDecodeError as error:
-                predictions.append(_prediction(prompt.record, None, None, [], str(error)))
-        if kept:
-            answers = generate_answers(model, processor, [p.messages for p in kept], videos, settings)
-            for prompt, decoded, (text, *_) in zip(kept, videos, answers):
-                verdict = verifiers.check(prompt.record, text)
-                predictions.append(_prediction(prompt.record, text, verdict, [list(v.indices) for v in decoded]))
-        return predictions
-
-    batches = [prompts[start : start + batch_size] for start in range(0, len(prompts), batch_size)]
-    predictions = [row for rows in processes.map_batches(batches, answer) for row in rows]
-    return summarize(predictions), predictions
-
-
-def _prediction(record: LabelledRecord, answer: str | None, verdict: Verdict | None, frames, error=None) -> dict:
-    return {
-        "id": record.id, "type": record.meta.get("type", "all"), "prediction": answer, "label": record.label,
-        "correct": bool(verdict), "score": verdict.score if verdict else 0.0, "reason": verdict.reason if verdict else "",
-        "frame_indices": frames, "error": error,
-    }  # fmt: skip
+    return score_answers(model, processor, questions, verifiers, settings, batch_size, load_video, processes=processes)
 
 
 def evaluate_step(
