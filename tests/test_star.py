@@ -19,6 +19,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+import videollm.eval.scoring as scoring
 import videollm.selftrain.runs as runs
 from data_tools.cache_features import main as cache_features
 from videollm.data.formats import LabelledRecord, load_conversations, load_preferences
@@ -212,7 +213,8 @@ class StopTrainingAt(TrainerCallback):
 
 
 def counting_generate(monkeypatch, fail_after: int | None = None) -> list[int]:
-    """Count generate calls of the run; raise on call `fail_after + 1` (a run killed after that many batches)."""
+    """Count generate calls of the run, sampling and evaluation; raise on call `fail_after + 1` (a run killed after
+    that many batches)."""
     calls: list[int] = []
     real = runs.generate_answers
 
@@ -223,6 +225,7 @@ def counting_generate(monkeypatch, fail_after: int | None = None) -> list[int]:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(runs, "generate_answers", generate)
+    monkeypatch.setattr(scoring, "generate_answers", generate)
     return calls
 
 

@@ -57,7 +57,7 @@ from videollm.model.checkpoint import save_checkpoint
 from videollm.selftrain.verifiers import RecordVerifiers, Verdict
 from videollm.train.checkpointing import resolve_latest_checkpoint
 from videollm.train.config import DataArguments, ModelArguments
-from videollm.train.setup import load_or_build
+from videollm.train.setup import load_or_build, run_summary
 
 logger = logging.getLogger(__name__)
 
@@ -589,14 +589,31 @@ def load_records(data_args: DataArguments, args: SelfTrainArguments) -> tuple[li
     return read(data_args.train_file, args.limit), read(data_args.eval_file, args.eval_limit)
 
 
-def train_or_resume(trainer: Any, output_dir: Path) -> str | None:
-    """Run `trainer.train`, from the newest complete checkpoint in `output_dir` when an interrupted run left one;
-    returns that checkpoint's path (None for a fresh start)."""
+def train_once(output_dir: Path, processes: Processes, train: Callable[[], dict]) -> dict:
+    """`train()`'s result, training only once: the result is recorded in `output_dir/train_done.json` (by the main
+    process, after `train` saved the model) and read back, on every process, by every later call."""
+    done = processes.from_main(lambda: read_json(output_dir / "train_done.json"))
+    if done is not None:
+        return done
+    result = train()
+    gc.collect()  # the trainer's memory, before generation or a merge needs it
+    processes.on_main(lambda: write_json(output_dir / "train_done.json", result))
+    return result
+
+
+def train_and_save(trainer: Any, output_dir: Path) -> tuple[str | None, dict]:
+    """Train, from the newest complete checkpoint in `output_dir` when an interrupted run left one, then save the
+    model and the trainer state there; returns that checkpoint's path (None for a fresh start) and the last logged
+    training entry (loss and the trainer's metrics)."""
     resume = resolve_latest_checkpoint(output_dir)
     if resume:
         logger.info("training resumes from %s", resume)
     trainer.train(resume_from_checkpoint="latest" if resume else None)
-    return str(resume) if resume else None
+    logger.info(run_summary(trainer))
+    trainer.save_model(str(output_dir))
+    trainer.save_state()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return (str(resume) if resume else None), (logged[-1] if logged else {})
 
 
 def initial_checkpoint(

@@ -62,14 +62,13 @@ from videollm.selftrain.runs import (
     metric,
     model_from,
     open_feature_cache,
-    read_json,
     record_verifiers,
     run_processor,
     run_settings,
     should_stop,
-    train_or_resume,
+    train_and_save,
+    train_once,
     unpartitioned_loads,
-    write_json,
     write_summary,
 )
 from videollm.selftrain.verifiers import RecordVerifiers, normalize_answer
@@ -81,7 +80,7 @@ from videollm.train.dpo import (
     build_preference_dataset,
     preference_rows,
 )
-from videollm.train.setup import load_or_build, run_summary
+from videollm.train.setup import load_or_build
 
 logger = logging.getLogger(__name__)
 
@@ -265,52 +264,46 @@ def train_preferences(
     `step_dir/model` when it is an adapter. Resumable and done once (`train_done.json`). With `cache`, the videos'
     features are read from it."""
     output_dir = step_dir / "checkpoint"
-    processes = Processes.of(dpo_args)
-    done = processes.from_main(lambda: read_json(output_dir / "train_done.json"))
-    if done is not None:
-        return done
-    set_seed(dpo_args.seed)
-    model, _ = load_or_build(model_from(model_args, start), data_args, training_args=dpo_args)
-    load_video = processor.load_video
-    if cache is not None:
-        unwrap(model).use_cached_vision(cache.level)
-        load_video = cache.get
-    rows = preference_rows(load_preferences(pairs_file, video_root=data_args.video_root))
-    with dpo_args.main_process_first(desc="preference dataset"):
-        dataset = build_preference_dataset(rows, processor, cache_dir=str(step_dir / "datasets"))
-    args = dataclasses.replace(dpo_args, output_dir=str(output_dir), rounds=1, round_train_files=None)
-    collator = BadSampleCollator(
-        PreferenceCollator(processor, mark_phrases="rrpo" in args.loss_type, load_video=load_video),
-        load_video,
-        {"train": dataset},
-        BadSamplePolicy.from_args(data_args, args),
-    )
-    trainer = VideoDPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=collator,
-        processing_class=processor,
-        callbacks=list(callbacks or []),
-    )
-    resume = train_or_resume(trainer, output_dir)
-    logger.info(run_summary(trainer))
-    trainer.save_model(str(output_dir))
-    trainer.save_state()
-    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    last = logged[-1] if logged else {}
-    result = {
-        "train_steps": trainer.state.global_step, "train_loss": last.get("loss"),
-        "reward_accuracy": last.get("rewards/accuracies"), "reward_margin": last.get("rewards/margins"),
-        "model": str(output_dir.resolve()), "resumed_from": resume,
-    }  # fmt: skip
-    del trainer, model
-    gc.collect()
-    if is_adapter_checkpoint(output_dir):
-        # the next round's policy and reference: this round's LoRA merged into its base (OV-Chat, mrDPO)
-        result["model"] = str(merged_copy(output_dir, step_dir / "model", processor, dpo_args))
-    processes.on_main(lambda: write_json(output_dir / "train_done.json", result))
-    return result
+
+    def train() -> dict:
+        set_seed(dpo_args.seed)
+        model, _ = load_or_build(model_from(model_args, start), data_args, training_args=dpo_args)
+        load_video = processor.load_video
+        if cache is not None:
+            unwrap(model).use_cached_vision(cache.level)
+            load_video = cache.get
+        rows = preference_rows(load_preferences(pairs_file, video_root=data_args.video_root))
+        with dpo_args.main_process_first(desc="preference dataset"):
+            dataset = build_preference_dataset(rows, processor, cache_dir=str(step_dir / "datasets"))
+        args = dataclasses.replace(dpo_args, output_dir=str(output_dir), rounds=1, round_train_files=None)
+        collator = BadSampleCollator(
+            PreferenceCollator(processor, mark_phrases="rrpo" in args.loss_type, load_video=load_video),
+            load_video,
+            {"train": dataset},
+            BadSamplePolicy.from_args(data_args, args),
+        )
+        trainer = VideoDPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=collator,
+            processing_class=processor,
+            callbacks=list(callbacks or []),
+        )
+        resume, last = train_and_save(trainer, output_dir)
+        result = {
+            "train_steps": trainer.state.global_step, "train_loss": last.get("loss"),
+            "reward_accuracy": last.get("rewards/accuracies"), "reward_margin": last.get("rewards/margins"),
+            "model": str(output_dir.resolve()), "resumed_from": resume,
+        }  # fmt: skip
+        del trainer, model
+        gc.collect()
+        if is_adapter_checkpoint(output_dir):
+            # the next round's policy and reference: this round's LoRA merged into its base (OV-Chat, mrDPO)
+            result["model"] = str(merged_copy(output_dir, step_dir / "model", processor, dpo_args))
+        return result
+
+    return train_once(output_dir, Processes.of(dpo_args), train)
 
 
 def merged_copy(checkpoint: Path, output_dir: Path, processor: VideoLLMProcessor, training_args: TrainingArguments) -> Path:

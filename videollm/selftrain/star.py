@@ -52,18 +52,17 @@ from videollm.selftrain.runs import (
     metric,
     model_from,
     open_feature_cache,
-    read_json,
     record_verifiers,
     run_processor,
     run_settings,
     should_stop,
-    train_or_resume,
-    write_json,
+    train_and_save,
+    train_once,
     write_summary,
 )
 from videollm.selftrain.verifiers import normalize_answer
 from videollm.train.config import DataArguments, ModelArguments
-from videollm.train.setup import load_or_build, run_summary
+from videollm.train.setup import load_or_build
 from videollm.train.sft import VideoSFTConfig, VideoSFTTrainer
 
 logger = logging.getLogger(__name__)
@@ -132,38 +131,29 @@ def train_on_kept(
     `output_dir` (with `save_strategy: steps`), or starts again from `start` with the same seed. With `cache`, the
     videos' features are read from it.
     """
-    processes = Processes.of(training_args)
-    done = processes.from_main(lambda: read_json(output_dir / "train_done.json"))
-    if done is not None:
-        return done
-    set_seed(training_args.seed)  # LoRA and any new weights start the same in a rerun
-    model, _ = load_or_build(model_from(model_args, start), data_args, training_args=training_args)
-    records = load_conversations(train_file)
-    args = dataclasses.replace(training_args, output_dir=str(output_dir))
-    bad_samples = BadSamplePolicy.from_args(data_args, args)
-    if cache is not None:
-        unwrap(model).use_cached_vision(cache.level)
-        train_dataset = CachedFeatureDataset(records, processor, cache, bad_samples)
-    else:
-        train_dataset = ConversationDataset(records, processor, bad_samples)
-    trainer = VideoSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        data_collator=VideoCollator(processor, sample_ids=True),
-        processing_class=processor,
-        callbacks=list(callbacks or []),
-    )
-    resume = train_or_resume(trainer, output_dir)
-    logger.info(run_summary(trainer))
-    trainer.save_model(str(output_dir))
-    trainer.save_state()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    result = {"train_steps": trainer.state.global_step, "train_loss": losses[-1] if losses else None, "resumed_from": resume}
-    del trainer, model
-    gc.collect()
-    processes.on_main(lambda: write_json(output_dir / "train_done.json", result))  # after the main process saved
-    return result
+    def train() -> dict:
+        set_seed(training_args.seed)  # LoRA and any new weights start the same in a rerun
+        model, _ = load_or_build(model_from(model_args, start), data_args, training_args=training_args)
+        records = load_conversations(train_file)
+        args = dataclasses.replace(training_args, output_dir=str(output_dir))
+        bad_samples = BadSamplePolicy.from_args(data_args, args)
+        if cache is not None:
+            unwrap(model).use_cached_vision(cache.level)
+            train_dataset = CachedFeatureDataset(records, processor, cache, bad_samples)
+        else:
+            train_dataset = ConversationDataset(records, processor, bad_samples)
+        trainer = VideoSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            data_collator=VideoCollator(processor, sample_ids=True),
+            processing_class=processor,
+            callbacks=list(callbacks or []),
+        )
+        resume, last = train_and_save(trainer, output_dir)
+        return {"train_steps": trainer.state.global_step, "train_loss": last.get("loss"), "resumed_from": resume}
+
+    return train_once(output_dir, Processes.of(training_args), train)
 
 
 # ---- the cycle ------------------------------------------------------------------------------------------------------
