@@ -13,6 +13,7 @@ from videollm.data.synthetic import SyntheticConfig, generate_dataset
 from videollm.data.formats import ConversationRecord, LabelledRecord, Message
 from videollm.data.video import DecodedVideo, VideoDecodeError
 from videollm.infer.generate import GenerationSettings
+from videollm.infer.processes import Processes
 from videollm.eval.__main__ import ScoringTarget
 from videollm.eval.__main__ import main as eval_main
 from videollm.eval.scoring import Question, score_answers
@@ -66,6 +67,10 @@ def test_a_record_label_is_preferred_over_the_reference_text():
     assert RecordVerifiers([target]).check(target, "left")
 
 
+def still_video(path: str) -> DecodedVideo:
+    return DecodedVideo(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), [0, 1], [0.0, 1.0], 2.0, path)
+
+
 def test_a_wrong_answer_keeps_its_partial_score_and_reason_and_an_unreadable_video_its_error(monkeypatch):
     """The prediction rows of the evaluator and of self-training's evaluations (one loop, `score_answers`)."""
     import videollm.eval.scoring as scoring
@@ -80,17 +85,37 @@ def test_a_wrong_answer_keeps_its_partial_score_and_reason_and_an_unreadable_vid
     def load(path: str) -> DecodedVideo:
         if path == "clip1.mp4":
             raise VideoDecodeError(path, "truncated")
-        return DecodedVideo(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), [0, 1], [0.0, 1.0], 2.0, path)
+        return still_video(path)
 
     answers = iter([["from 0 to 2 s"], ["from 1.5 to 3 s"]])
     monkeypatch.setattr(scoring, "generate_answers", lambda model, processor, prompts, *_: [next(answers) for _ in prompts])
-    summary, rows = score_answers(None, None, questions, RecordVerifiers([q.target for q in questions]),
+    summary, rows = score_answers(lambda: None, None, questions, RecordVerifiers([q.target for q in questions]),
                                   GenerationSettings(), load_video=load)  # fmt: skip
     wrong, unreadable, right = sorted(rows, key=lambda row: row["id"])
     assert (wrong["correct"], round(wrong["score"], 4), wrong["reason"]) == (False, 0.1667, "IoU 0.17 <= 0.5")
     assert (right["correct"], right["score"], right["label"]) == (True, 1.0, [1.5, 3.0])
     assert unreadable["prediction"] is None and "truncated" in unreadable["error"] and unreadable["reason"] is None
     assert summary["by_type"] == {"when": {"accuracy": 1 / 3, "correct": 1, "total": 3}} and summary["num_errors"] == 1
+
+
+def test_a_process_without_a_batch_loads_no_model(monkeypatch):
+    """The second of 2 processes, with one batch to share: the first answers it, the second loads nothing (gathering
+    outside a distributed launch returns this process's own rows)."""
+    import videollm.eval.scoring as scoring
+
+    question = Question("q", [{"role": "user", "content": "<video>\nWhich way?"}], ["clip.mp4"],
+                        LabelledRecord("q", "Which way?", "left", "class", ["clip.mp4"], "l:1"), {})  # fmt: skip
+    monkeypatch.setattr(scoring, "generate_answers", lambda model, processor, prompts, *_: [["left"] for _ in prompts])
+    loads = []
+
+    def load_model() -> None:
+        loads.append("model")
+
+    for index, expected in [(1, []), (0, ["model"])]:
+        loads.clear()
+        _, rows = score_answers(load_model, None, [question], RecordVerifiers([question.target]), GenerationSettings(),
+                                load_video=still_video, processes=Processes(index, 2))  # fmt: skip
+        assert loads == expected and len(rows) == 1 - index
 
 
 @pytest.fixture(scope="module")

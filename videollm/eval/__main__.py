@@ -93,7 +93,7 @@ def evaluate(
         questions.append(Question(record.id, messages[:last_answer], record.videos, target, {"reference": reference}))
     verifiers = RecordVerifiers([q.target for q in questions], spec=verifier)
     return score_answers(
-        model, processor, questions, verifiers, settings, batch_size, shuffle_frames=shuffle_frames, seed=seed,
+        lambda: model, processor, questions, verifiers, settings, batch_size, shuffle_frames=shuffle_frames, seed=seed,
         processes=processes,
     )  # fmt: skip
 

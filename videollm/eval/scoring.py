@@ -8,6 +8,7 @@ gives an error row instead of ending the evaluation. The summary counts accuracy
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -56,7 +57,7 @@ def shuffled(video: DecodedVideo, rng: random.Random) -> DecodedVideo:
 
 
 def score_answers(
-    model: torch.nn.Module,
+    model_loader: Callable[[], torch.nn.Module],
     processor: VideoLLMProcessor,
     questions: Sequence[Question],
     verifiers: RecordVerifiers,
@@ -69,12 +70,14 @@ def score_answers(
 ) -> tuple[dict, list[dict]]:
     """Answer every question and check each answer; returns (summary, one prediction row per question, in order).
 
-    `load_video` reads a video (default: the processor's decoder; `FeatureCache.get` in a run with a feature cache).
+    `model_loader` gives the model, and is called once, by a process with questions to answer (a process left
+    without a batch of a small evaluation set loads nothing). `load_video` reads a video (default: the processor's decoder; `FeatureCache.get` in a run with a feature cache).
     `shuffle_frames` permutes each question's frames, seeded by `seed` and the question id (a temporal control: a
     model that uses frame order loses accuracy on temporal questions). On several `processes`, each answers its share
     of the batches and every process returns all rows.
     """
     load_video = load_video or processor.load_video
+    model = functools.cache(model_loader)
 
     def answer(batch: Sequence[Question]) -> list[dict]:
         rows, answered, videos = [], [], []
@@ -90,7 +93,7 @@ def score_answers(
             answered.append(question)
             videos.append(decoded)
         if answered:
-            answers = generate_answers(model, processor, [q.messages for q in answered], videos, settings)
+            answers = generate_answers(model(), processor, [q.messages for q in answered], videos, settings)
             for question, decoded, (text, *_) in zip(answered, videos, answers):
                 rows.append(_row(question, text, verifiers.check(question.target, text), decoded))
         return rows

@@ -335,7 +335,7 @@ def _relative(path: str, root: str | None) -> str:
 
 
 def evaluate_labelled(
-    model: torch.nn.Module,
+    model_loader: Callable[[], torch.nn.Module],
     processor: VideoLLMProcessor,
     records: Sequence[LabelledRecord],
     verifiers: RecordVerifiers,
@@ -346,10 +346,11 @@ def evaluate_labelled(
     processes: Processes = Processes(),
 ) -> tuple[dict, list[dict]]:
     """Greedy answers to labelled questions (asked through `template`), scored by the run's verifiers; returns
-    (summary, predictions) as `videollm.eval` does, from the same loop (`score_answers`)."""
+    (summary, predictions) as `videollm.eval` does, from the same loop (`score_answers`, which calls `model_loader`
+    only on a process with questions to answer)."""
     questions = [Question(r.id, Prompt(r, fill(template, r)).messages, r.videos, r, {"label": r.label}) for r in records]
     settings = settings or GenerationSettings(max_new_tokens=32)
-    return score_answers(model, processor, questions, verifiers, settings, batch_size, load_video, processes=processes)
+    return score_answers(model_loader, processor, questions, verifiers, settings, batch_size, load_video, processes=processes)
 
 
 def evaluate_step(
@@ -371,9 +372,8 @@ def evaluate_step(
     saved = processes.from_main(lambda: read_json(step_dir / "eval.json"))
     if saved is not None:
         return saved
-    model = model_loader()
     summary, predictions = evaluate_labelled(
-        model, processor, records, verifiers, settings, batch_size, template, load_video, processes
+        model_loader, processor, records, verifiers, settings, batch_size, template, load_video, processes
     )
     if processes.is_main:
         write_jsonl(step_dir / "eval_predictions.jsonl", predictions)
