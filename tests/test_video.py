@@ -33,6 +33,7 @@ from videollm.data.video import (
     FrameReader,
     VideoDecodeError,
     available_backends,
+    decode_each,
     probe_video,
     read_video,
     register_backend,
@@ -774,3 +775,12 @@ def test_register_backend_needs_a_callable_and_read_video_a_known_name(clips: di
         register_backend("test-not-callable", "decode")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown video backend 'ffmpeg-cli'"):
         read_video(clips["h264.mp4"], SamplingSpec(), backend="ffmpeg-cli")
+
+
+def test_an_unreadable_file_costs_its_own_item_only(clips: dict[str, Path], tmp_path: Path) -> None:
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 64)
+    items = [("a", [clips["h264.mp4"]]), ("b", [clips["h264.mp4"], broken]), ("c", [])]
+    decoded, failed = decode_each(items, lambda item: item[1], lambda path: read_video(path, SamplingSpec(num_frames=2)))
+    assert [(item[0], len(videos)) for item, videos in decoded] == [("a", 1), ("c", 0)]
+    assert [(item[0], error.path) for item, error in failed] == [("b", str(broken))]

@@ -25,6 +25,7 @@ from multiprocessing import BufferTooShort
 from multiprocessing.connection import Connection
 from pathlib import Path
 from types import MappingProxyType
+from typing import TypeVar
 
 import av
 import numpy as np
@@ -32,6 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from videollm.data.sampling import FrameSelection, SamplingSpec
+
+T = TypeVar("T")
 
 Reader = Callable[[str, Sequence[int]], "np.ndarray | torch.Tensor"]
 """A decoding backend: ``reader(path, indices)`` returns the frames at ``indices`` (strictly increasing,
@@ -102,6 +105,21 @@ class CachedVideo(DecodedVideo):
 
     features: torch.Tensor
     level: str
+
+
+def decode_each(
+    items: Sequence[T], paths_of: Callable[[T], Sequence[str]], load_video: Callable[[str], DecodedVideo]
+) -> tuple[list[tuple[T, list[DecodedVideo]]], list[tuple[T, VideoDecodeError]]]:
+    """Every item's videos (`paths_of(item)`) read with `load_video`: `(item, videos)` for the items whose videos all
+    decode and `(item, error)` for the others, both in item order, so that an unreadable file costs its own question
+    and not the batch it came in."""
+    decoded, failed = [], []
+    for item in items:
+        try:
+            decoded.append((item, [load_video(path) for path in paths_of(item)]))
+        except VideoDecodeError as error:
+            failed.append((item, error))
+    return decoded, failed
 
 
 # ---------------------------------------------------------------------------------------------------- backends

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
-from videollm.data.video import DecodedVideo, VideoDecodeError
+from videollm.data.video import DecodedVideo, decode_each
 from videollm.infer.generate import GenerationSettings, generate_answers
 from videollm.infer.processes import Processes, stable_seed
 
@@ -71,30 +71,24 @@ def score_answers(
     """Answer every question and check each answer; returns (summary, one prediction row per question, in order).
 
     `model_loader` gives the model, and is called once, by a process with questions to answer (a process left
-    without a batch of a small evaluation set loads nothing). `load_video` reads a video (default: the processor's decoder; `FeatureCache.get` in a run with a feature cache).
-    `shuffle_frames` permutes each question's frames, seeded by `seed` and the question id (a temporal control: a
-    model that uses frame order loses accuracy on temporal questions). On several `processes`, each answers its share
-    of the batches and every process returns all rows.
+    without a batch of a small evaluation set loads nothing). `load_video` reads a video (default: the processor's
+    decoder; `FeatureCache.get` in a run with a feature cache). `shuffle_frames` permutes each question's frames,
+    seeded by `seed` and the question id (a temporal control: a model that uses frame order loses accuracy on temporal
+    questions). On several `processes`, each answers its share of the batches and every process returns all rows.
     """
     load_video = load_video or processor.load_video
     model = functools.cache(model_loader)
 
     def answer(batch: Sequence[Question]) -> list[dict]:
-        rows, answered, videos = [], [], []
-        for question in batch:
-            try:
-                decoded = [load_video(path) for path in question.videos]
-            except VideoDecodeError as error:
-                rows.append(_row(question, error=str(error)))
-                continue
-            if shuffle_frames:
-                rng = random.Random(stable_seed(seed, question.id))
-                decoded = [shuffled(video, rng) for video in decoded]
-            answered.append(question)
-            videos.append(decoded)
-        if answered:
-            answers = generate_answers(model(), processor, [q.messages for q in answered], videos, settings)
-            for question, decoded, (text, *_) in zip(answered, videos, answers):
+        readable, unreadable = decode_each(batch, lambda question: question.videos, load_video)
+        rows = [_row(question, error=str(error)) for question, error in unreadable]
+        if shuffle_frames:  # one generator per question, seeded by its id, drawn in turn by its videos
+            rngs = [random.Random(stable_seed(seed, question.id)) for question, _ in readable]
+            readable = [(question, [shuffled(v, rng) for v in videos]) for (question, videos), rng in zip(readable, rngs)]
+        if readable:
+            messages, videos = [q.messages for q, _ in readable], [vs for _, vs in readable]
+            answers = generate_answers(model(), processor, messages, videos, settings)
+            for (question, decoded), (text, *_) in zip(readable, answers):
                 rows.append(_row(question, text, verifiers.check(question.target, text), decoded))
         return rows
 

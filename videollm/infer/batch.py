@@ -17,7 +17,7 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from transformers import HfArgumentParser
 
 from videollm.data.dataset import record_messages
 from videollm.data.formats import ConversationRecord, DataValidationError, iter_jsonl, load_conversations
-from videollm.data.video import VideoDecodeError
+from videollm.data.video import DecodedVideo, decode_each
 from videollm.infer.generate import GenerationSettings
 from videollm.infer.placement import PlacementArguments
 from videollm.infer.processes import Processes
@@ -125,23 +125,19 @@ def generate_dataset_answers(
 
 def _answer_batch(engine: InferenceEngine, batch: list[ConversationRecord], settings: GenerationSettings) -> list[dict]:
     """The answer lines of one batch, in record order but with unreadable videos' lines first."""
-    rows, prompts, videos, pending = [], [], [], []
-    for record in batch:
-        prompt, reference = split_prompt(record)
-        row = {"id": record.id, "reference": reference, "frame_indices": [], "error": None}
-        try:
-            decoded = [engine.load_video(v) for v in record.videos]
-        except VideoDecodeError as error:
-            rows.append({**row, "answer": None, "error": str(error)})
-            continue
-        row["frame_indices"] = [list(v.indices) for v in decoded]
-        prompts.append(prompt)
-        videos.append(decoded)
-        pending.append(row)
-    if prompts:
-        for row, answers in zip(pending, engine.generate(prompts, videos, settings)):
-            key = ("answer", answers[0]) if settings.num_return_sequences == 1 else ("answers", answers)
-            rows.append({**row, key[0]: key[1]})
+
+    def row(record: ConversationRecord, decoded: Sequence[DecodedVideo] = (), error: str | None = None) -> dict:
+        return {"id": record.id, "reference": split_prompt(record)[1], "frame_indices": [list(v.indices) for v in decoded],
+                "error": error}  # fmt: skip
+
+    readable, unreadable = decode_each(batch, lambda record: record.videos, engine.load_video)
+    rows = [{**row(record, error=str(error)), "answer": None} for record, error in unreadable]
+    if readable:
+        prompts = [split_prompt(record)[0] for record, _ in readable]
+        answers = engine.generate(prompts, [videos for _, videos in readable], settings)
+        for (record, videos), texts in zip(readable, answers):
+            key = ("answer", texts[0]) if settings.num_return_sequences == 1 else ("answers", texts)
+            rows.append({**row(record, videos), key[0]: key[1]})
     return rows
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from videollm.data.formats import LabelledRecord, write_jsonl
-from videollm.data.video import DecodedVideo, VideoDecodeError
+from videollm.data.video import DecodedVideo, decode_each
 from videollm.infer.processes import Processes, stable_seed
 from videollm.selftrain.verifiers import RecordVerifiers, Verifier, get_verifier, normalize_answer
 
@@ -281,16 +281,10 @@ def _build_pairs(
 
     def answer_batch(item: tuple[int, Sequence[Prompt]]) -> list[tuple[list[dict], list[str], list[str]]]:
         number, batch = item
-        readable, videos, unreadable = [], [], []
-        for prompt in batch:
-            try:
-                videos.append([load_video(path) for path in prompt.videos])
-                readable.append(prompt)
-            except VideoDecodeError as error:
-                unreadable.append(f"{prompt.id}: {error}")
+        readable, unreadable = decode_each(batch, lambda prompt: prompt.videos, load_video)
         torch.manual_seed(stable_seed(seed, "batch", number))
-        rows, dropped = pairs_of(readable, videos) if readable else ([], [])
-        return [(rows, dropped, unreadable)]
+        rows, dropped = pairs_of([p for p, _ in readable], [vs for _, vs in readable]) if readable else ([], [])
+        return [(rows, dropped, [f"{prompt.id}: {error}" for prompt, error in unreadable])]
 
     rows, report = [], BuildReport()
     for results in processes.map_batches(list(enumerate(_batches(prompts, batch_size))), answer_batch):

@@ -48,7 +48,7 @@ from transformers import TrainingArguments, set_seed
 from videollm.data.feature_cache import FeatureCache
 from videollm.data.formats import LabelledRecord, load_labelled, write_jsonl
 from videollm.data.processor import VideoLLMProcessor
-from videollm.data.video import DecodedVideo, VideoDecodeError
+from videollm.data.video import DecodedVideo, decode_each
 from videollm.eval.scoring import Question, score_answers
 from videollm.infer.generate import GenerationSettings, generate_answers
 from videollm.infer.placement import load_for_inference
@@ -284,22 +284,18 @@ class Sampler:
         return by_prompt
 
     def _batch(self, model, batch: Sequence[Prompt], stage: str, step: int, seed: int, number: int, fields: dict) -> list[dict]:
-        videos, failed = [], {}
-        for prompt in batch:
-            try:
-                videos.append([(self.load_video or self.processor.load_video)(path) for path in prompt.record.videos])
-            except VideoDecodeError as error:
-                failed[prompt.id] = str(error)
-                videos.append(None)
-        ok = [i for i, v in enumerate(videos) if v is not None]
+        readable, unreadable = decode_each(
+            batch, lambda prompt: prompt.record.videos, self.load_video or self.processor.load_video
+        )
+        failed = {prompt.id: str(error) for prompt, error in unreadable}
         torch.manual_seed(seed)
         answers = generate_answers(
-            model, self.processor, [batch[i].messages for i in ok], [videos[i] for i in ok], self.settings
-        ) if ok else []  # fmt: skip
-        answers_by_index = dict(zip(ok, answers))
+            model, self.processor, [p.messages for p, _ in readable], [vs for _, vs in readable], self.settings
+        ) if readable else []  # fmt: skip
+        answered = {prompt.id: (videos, texts) for (prompt, videos), texts in zip(readable, answers)}
         sampler = {**self.settings.to_dict(), "seed": seed, "batch": number}
         rows = []
-        for i, prompt in enumerate(batch):
+        for prompt in batch:
             record = prompt.record
             base = {
                 self.step_name: step, "stage": stage, "prompt_id": prompt.id, "type": record.meta.get("type"),
@@ -311,12 +307,12 @@ class Sampler:
                 rows.append({**base, "sample_index": 0, "answer": None, "error": failed[prompt.id],
                              "frame_indices": [], "verdict": False, "score": 0.0, "reason": "video decode failed"})  # fmt: skip
                 continue
-            texts = answers_by_index[i]
-            scores = self.scorer(model, prompt, videos[i], texts) if self.scorer else None
+            videos, texts = answered[prompt.id]
+            scores = self.scorer(model, prompt, videos, texts) if self.scorer else None
             verifier = self.verifiers(record)
             for j, text in enumerate(texts):
                 verdict: Verdict = verifier(text, record.label)
-                row = {**base, "sample_index": j, "answer": text, "frame_indices": [list(v.indices) for v in videos[i]],
+                row = {**base, "sample_index": j, "answer": text, "frame_indices": [list(v.indices) for v in videos],
                        "verdict": verdict.correct, "score": verdict.score, "reason": verdict.reason}  # fmt: skip
                 if scores is not None:
                     row["judge_score"] = scores[j]
