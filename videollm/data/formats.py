@@ -196,6 +196,15 @@ def write_jsonl(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any
         raise
 
 
+def relative_video_path(path: str, video_root: str | None) -> str:
+    """`path` as a written record names it: relative to `video_root` when it lies under it (the loaders, given the same
+    root, read it back, and the data can move with its videos), else as it is."""
+    if video_root is None:
+        return path
+    relative = os.path.relpath(path, video_root)
+    return path if relative.startswith("..") else relative
+
+
 def load_conversations(
     source: str | os.PathLike[str] | datasets.Dataset | datasets.IterableDataset,
     video_root: str | os.PathLike[str] | None = None,

@@ -18,7 +18,6 @@ larger one changes more of the video, so the answers differ more plainly: large 
 from __future__ import annotations
 
 import difflib
-import os
 import random
 import re
 from collections import Counter
@@ -29,13 +28,12 @@ from typing import Any
 
 import torch
 
-from videollm.data.formats import LabelledRecord, write_jsonl
+from videollm.data.formats import PLACEHOLDER, LabelledRecord, relative_video_path, write_jsonl
 from videollm.data.video import DecodedVideo, decode_each
 from videollm.infer.processes import Processes, stable_seed
 from videollm.selftrain.verifiers import RecordVerifiers, Verifier, get_verifier, normalize_answer
 
 PERTURBATIONS = ("shuffle", "reverse", "drop")
-PLACEHOLDER = "<video>"
 
 # (conversations ending with a user turn, their decoded videos) -> answers, one list per conversation
 Answerer = Callable[[Sequence[list[dict]], Sequence[list[DecodedVideo]]], list[list[str]]]
@@ -147,18 +145,13 @@ def preference_record(
     prompt: Prompt, pair_id: str, chosen: str, rejected: str, video_root: str | None = None, **meta: Any
 ) -> dict:
     """A row `load_preferences` reads back; video paths relative to `video_root` when they lie under it."""
-    videos = [_relative(v, video_root) for v in prompt.videos]
+    videos = [relative_video_path(v, video_root) for v in prompt.videos]
     return {
         "id": pair_id, "question_id": prompt.id, "videos": videos, "prompt": prompt.messages,
         "chosen": chosen, "rejected": rejected, **meta,
     }  # fmt: skip
 
 
-def _relative(path: str, root: str | None) -> str:
-    if root is None:
-        return path
-    relative = os.path.relpath(path, root)
-    return path if relative.startswith("..") else relative
 
 
 # ---- builders -------------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 from videollm.data.feature_cache import FeatureCache
-from videollm.data.formats import LabelledRecord, load_labelled, write_jsonl
+from videollm.data.formats import PLACEHOLDER, LabelledRecord, load_labelled, relative_video_path, write_jsonl
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.video import DecodedVideo, decode_each
 from videollm.eval.scoring import Question, score_answers
@@ -60,8 +60,6 @@ from videollm.train.config import DataArguments, ModelArguments
 from videollm.train.setup import load_or_build, run_summary
 
 logger = logging.getLogger(__name__)
-
-PLACEHOLDER = "<video>"
 
 
 class RunSettingsMismatch(ValueError):
@@ -92,17 +90,19 @@ class RunDirectory:
         step_name: "cycle" (STaR) or "round" (self-preference): folder names and the samples' step field.
         ignore: settings keys that may change between reruns (e.g. logging), left out of the comparison.
         processes: the processes of the run; the main one reads and writes the files, and tells the others.
+        fresh_start: how to start afresh instead of resuming, as the settings-mismatch error tells it.
     """
 
     def __init__(
         self, path: str | Path, settings: dict[str, Any], step_name: str = "cycle", ignore: Iterable[str] = (),
-        processes: Processes = Processes(),
+        processes: Processes = Processes(), fresh_start: str = "choose another output_dir",
     ):  # fmt: skip
         self.path = Path(path)
         self.step_name = step_name
         self.settings = json.loads(json.dumps(settings, default=str))
         self.ignore = set(ignore)
         self.processes = processes
+        self.fresh_start = fresh_start
 
     def open(self) -> bool:
         """Create the directory or check that it holds this run; True when resuming."""
@@ -120,8 +120,8 @@ class RunDirectory:
         if changed:
             details = "; ".join(f"{k}: {saved.get(k)!r} -> {self.settings.get(k)!r}" for k in changed[:5])
             raise RunSettingsMismatch(
-                f"output_dir {self.path} holds a run started with other settings ({details}); "
-                "rerun with the same settings to resume, or choose another output_dir"
+                f"{self.path} holds a run started with other settings ({details}); "
+                f"rerun with the same settings to resume, or {self.fresh_start}"
             )
         return True
 
@@ -300,7 +300,7 @@ class Sampler:
             base = {
                 self.step_name: step, "stage": stage, "prompt_id": prompt.id, "type": record.meta.get("type"),
                 "question": record.question, "prompt": prompt.messages[0]["content"], "label": record.label,
-                "label_type": record.label_type, "videos": [_relative(v, self.video_root) for v in record.videos],
+                "label_type": record.label_type, "videos": [relative_video_path(v, self.video_root) for v in record.videos],
                 "sampler": sampler, **fields,
             }  # fmt: skip
             if prompt.id in failed:
@@ -320,11 +320,6 @@ class Sampler:
         return rows
 
 
-def _relative(path: str, root: str | None) -> str:
-    if root is None:
-        return path
-    relative = os.path.relpath(path, root)
-    return path if relative.startswith("..") else relative
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------------------
