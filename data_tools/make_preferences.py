@@ -11,7 +11,9 @@
 
 On several processes (`accelerate launch --num_processes N data_tools/make_preferences.py ...`, one GPU each) the
 questions are shared out by batch; each batch samples from its own seed, so the pairs are those one process makes.
-A question whose video does not decode is skipped with a warning that names it.
+A question whose video does not decode is skipped with a warning that names it. A build writes each batch's pairs to
+`<output>.progress/` as they come: run the same command again after a crash and only the batches left are answered
+(other settings stop with an error that names them). The folder is removed once the output is written.
 
 The output files are preference JSONL for recipes/dpo.py (`--train_file`, or `--round_train_files` with the stage
 files in the printed order for a curriculum).
@@ -19,9 +21,12 @@ files in the printed order for a curriculum).
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import HfArgumentParser
 
@@ -29,6 +34,7 @@ from videollm.data.formats import DataValidationError, load_labelled, write_json
 from videollm.infer.generate import GenerationSettings
 from videollm.infer.placement import PlacementArguments, load_for_inference
 from videollm.infer.processes import Processes
+from videollm.selftrain.runs import RunDirectory, RunSettingsMismatch, SampleLog
 from videollm.selftrain import (
     PairFilter,
     exclusive_class_verifiers,
@@ -78,6 +84,14 @@ class BuildArguments:
         return parsed
 
 
+def build_settings(args: BuildArguments, settings: GenerationSettings) -> dict:
+    """What decides the pairs a build writes, which a rerun must share to resume it. Where the pairs and the curriculum
+    go may change (they are written at the end), and so may the device (a build may move to another machine)."""
+    chosen = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("output", "curriculum_dir", "hard_first")}
+    return {**chosen, "model": str(Path(args.model).resolve()), "input": str(Path(args.input).resolve()),
+            "generation": settings.to_dict()}  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     description = __doc__.splitlines()[0]
     parser = HfArgumentParser([BuildArguments, PlacementArguments, GenerationSettings], description=description)
@@ -97,10 +111,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     processes = Processes.launched()
+    progress = Path(f"{args.output}.progress")
+    try:
+        RunDirectory(progress, build_settings(args, settings), processes=processes, fresh_start="delete it").open()
+    except RunSettingsMismatch as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     model, processor = load_for_inference(args.model, processes.place(device), dtype)
     answer = model_answerer(model, processor, settings)
+    log = SampleLog(progress / "batches.jsonl", processes)
     common = dict(load_video=processor.load_video, seed=args.seed, video_root=args.video_root,
-                  batch_size=args.batch_size, processes=processes)  # fmt: skip
+                  batch_size=args.batch_size, processes=processes, log=log)  # fmt: skip
     if args.mode == "perturb":
         pair_filter = PairFilter(args.min_length_ratio, args.max_length_ratio)
         rows, report = temporal_pairs(prompts, answer, perturbations=args.perturbation_list(), pair_filter=pair_filter, **common)
@@ -112,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for unreadable in report.unreadable:
         print(f"warning: skipped {unreadable}", file=sys.stderr)
     write_jsonl(args.output, rows)
+    shutil.rmtree(progress)
     print(f"{args.output}: {report} from {len(prompts)} questions")
     if args.mode == "perturb" and args.curriculum_dir:
         stages = write_curriculum(rows, args.curriculum_dir, easy_first=not args.hard_first)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from videollm.selftrain import (
     verified_pairs,
     write_curriculum,
 )
+from videollm.selftrain.runs import RunSettingsMismatch, SampleLog
 from videollm.selftrain.verifiers import ClassVerifier, get_verifier
 from videollm.train.dpo import VideoDPOConfig, preference_rows
 
@@ -203,6 +205,18 @@ def test_each_batch_samples_from_its_own_seed():
     assert drawn[0] != drawn[1] and drawn[2] == drawn[0] and drawn[3:5] != drawn[:2]
 
 
+def test_a_build_log_cut_from_other_questions_is_refused(tmp_path):
+    build = dict(load_video=lambda path: ramp_video(path=path), perturbations=[("reverse", 8)], batch_size=2)
+    log = SampleLog(tmp_path / "batches.jsonl")
+    first, _ = temporal_pairs(prompts(["right"] * 3), order_answerer, log=log, **build)
+    again, _ = temporal_pairs(prompts(["right"] * 3), lambda *_: pytest.fail("nothing is left to answer"),
+                              log=SampleLog(tmp_path / "batches.jsonl"), **build)  # fmt: skip
+    assert again == first and len(first) == 3
+    other = prompts(["right"] * 4)[1:]
+    with pytest.raises(RunSettingsMismatch, match="batch 0 was cut from other questions .* the input changed"):
+        temporal_pairs(other, order_answerer, log=SampleLog(tmp_path / "batches.jsonl"), **build)
+
+
 def test_curriculum_orders_stages_from_coarse_to_fine(tmp_path):
     rows = [{"id": str(i), "prompt": "<video>\nq", "video": "a.mp4", "chosen": "a", "rejected": "b", "magnitude": m}
             for i, m in enumerate([2, 8, 4, 8, 2])]  # fmt: skip
@@ -215,29 +229,38 @@ def test_curriculum_orders_stages_from_coarse_to_fine(tmp_path):
     assert args.rounds == 3  # one DPO round per stage
 
 
-def test_make_preferences_writes_pairs_and_curriculum_stages_on_one_or_two_processes(tmp_path):
-    """One process in this one, then `accelerate launch` on 2: each answers every other one-question batch (2 of 4),
-    drawing from the batch's own seed, so the sampled pairs are the same; the question whose video is corrupt is
-    skipped and named once."""
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict:
+    """`data_tools/make_preferences.py` run once, in this process, on 4 direction questions (one of them with a
+    corrupt video) answered one per batch by a tiny model that samples: its command line, output and inputs."""
     sys.path.insert(0, str(REPO / "data_tools"))
     from make_preferences import main
 
-    data = tmp_path / "synthetic"
+    root = tmp_path_factory.mktemp("make_preferences")
+    data = root / "synthetic"
     generate_dataset(SyntheticConfig(output_dir=str(data), num_train=4, num_eval=1, num_test=1))
     labels = [json.loads(line) for line in (data / "labels_train.jsonl").read_text().splitlines()]
     corrupt = next(r for r in labels if r["type"] == "direction")
     (data / corrupt["video"]).write_bytes(b"not a video")
     torch.manual_seed(0)
     model, processor = build_tiny_model_and_processor("mlp", sampling=SamplingSpec(num_frames=4))
-    save_checkpoint(model, processor, tmp_path / "model")
-    argv = ["--model", str(tmp_path / "model"), "--input", str(data / "labels_train.jsonl"), "--video_root", str(data),
+    save_checkpoint(model, processor, root / "model")
+    argv = ["--model", str(root / "model"), "--input", str(data / "labels_train.jsonl"), "--video_root", str(data),
             "--types", "direction", "--perturbations", "reverse:4", "shuffle:2", "--do_sample", "true",
             "--temperature", "2.0", "--max_new_tokens", "3", "--batch_size", "1"]  # fmt: skip
-    output = tmp_path / "prefs" / "temporal.jsonl"
-    code = main([*argv, "--output", str(output), "--curriculum_dir", str(tmp_path / "stages")])
-    assert code == 0
+    output = root / "prefs" / "temporal.jsonl"
+    code = main([*argv, "--output", str(output), "--curriculum_dir", str(root / "stages")])
+    return {"code": code, "main": main, "argv": argv, "output": output, "data": data, "corrupt": corrupt, "root": root}
 
-    two = run([*TWO_CPU_PROCESSES, "data_tools/make_preferences.py", *argv, "--output", str(tmp_path / "two.jsonl")])
+
+def test_make_preferences_writes_pairs_and_curriculum_stages_on_one_or_two_processes(built, tmp_path):
+    """One process (the fixture), then `accelerate launch` on 2: each answers every other one-question batch (2 of
+    4), drawing from the batch's own seed, so the sampled pairs are the same; the question whose video is corrupt is
+    skipped and named once."""
+    output, data, corrupt = built["output"], built["data"], built["corrupt"]
+    assert built["code"] == 0 and not Path(f"{output}.progress").exists()  # the progress is gone once the output is written
+
+    two = run([*TWO_CPU_PROCESSES, "data_tools/make_preferences.py", *built["argv"], "--output", str(tmp_path / "two.jsonl")])
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stderr.count(f"warning: skipped {corrupt['id']}: ") == 1 and corrupt["video"] in two.stderr
     assert two.stdout.count("unreadable_video=1") == 1 and "from 4 questions" in two.stdout
@@ -249,5 +272,43 @@ def test_make_preferences_writes_pairs_and_curriculum_stages_on_one_or_two_proce
     assert corrupt["id"] not in {r.meta["question_id"] for r in records}
     assert {r.id for r in records} == {f"{r.meta['question_id']}_{r.meta['perturbation']}_{r.meta['magnitude']}" for r in records}
     preference_rows(records)  # marked phrases are valid
-    stages = sorted((tmp_path / "stages").iterdir())
+    stages = sorted((built["root"] / "stages").iterdir())
     assert [int(p.stem.split("_")[-1]) for p in stages] == sorted({r.meta["magnitude"] for r in records}, reverse=True)
+
+
+def test_a_killed_build_resumes_with_the_batches_left_and_refuses_other_settings(built, tmp_path, monkeypatch, capsys):
+    import make_preferences
+
+    answered: list[int] = []
+    real = make_preferences.model_answerer
+
+    def answerer(*args):
+        answer = real(*args)
+
+        def counted(conversations, videos):  # 3 calls a batch: the clean video, then the 2 perturbations
+            if len(answered) == kill_after:
+                raise Interrupted("killed")
+            answered.append(len(conversations))
+            return answer(conversations, videos)
+
+        return counted
+
+    monkeypatch.setattr(make_preferences, "model_answerer", answerer)
+    output = tmp_path / "pairs.jsonl"
+    kill_after = 4  # in the second readable batch
+    with pytest.raises(Interrupted):
+        built["main"]([*built["argv"], "--output", str(output)])
+    assert not output.exists() and len((tmp_path / "pairs.jsonl.progress" / "batches.jsonl").read_text().splitlines()) >= 1
+
+    assert built["main"]([*built["argv"], "--output", str(output), "--seed", "1"]) == 2
+    assert "seed: 0 -> 1" in capsys.readouterr().err and not output.exists()
+
+    answered.clear()
+    kill_after = None
+    assert built["main"]([*built["argv"], "--output", str(output)]) == 0
+    assert len(answered) == 6  # the 2 readable batches left, not the 3 of the uninterrupted run
+    assert output.read_text() == built["output"].read_text() and not (tmp_path / "pairs.jsonl.progress").exists()
+
+
+class Interrupted(RuntimeError):
+    """Stands for the process being killed."""

@@ -31,6 +31,7 @@ import torch
 from videollm.data.formats import PLACEHOLDER, LabelledRecord, relative_video_path, write_jsonl
 from videollm.data.video import DecodedVideo, decode_each
 from videollm.infer.processes import Processes, stable_seed
+from videollm.selftrain.runs import RunSettingsMismatch, SampleLog
 from videollm.selftrain.verifiers import RecordVerifiers, Verifier, get_verifier, normalize_answer
 
 PERTURBATIONS = ("shuffle", "reverse", "drop")
@@ -184,13 +185,15 @@ def verified_pairs(
     video_root: str | None = None,
     batch_size: int = 8,
     processes: Processes = Processes(),
+    log: SampleLog | None = None,
 ) -> tuple[list[dict], BuildReport]:
     """Pairs from labelled prompts: `answer` samples k answers each; verified ones are chosen, failed ones rejected.
 
     `verifier_for` picks each prompt's verifier; by default the one of its `label_type`. A prompt with no verified or
     no failed answer gives no pair. Duplicate answers count once; pairs are drawn at random (seeded per prompt), at
     most `max_pairs_per_prompt` per prompt. Batch `b` is answered by process `b mod N` of `processes`, from its own
-    seed; a question whose video does not decode is dropped and named in the report.
+    seed; a question whose video does not decode is dropped and named in the report. With a `log`, each batch's
+    outcome is written to it as it comes, and a rerun on the same log answers only the batches it lacks.
     """
 
     def pairs_of(batch: Sequence[Prompt], videos: list[list[DecodedVideo]]) -> _BatchPairs:
@@ -210,7 +213,7 @@ def verified_pairs(
                 rows.append(preference_record(prompt, pair_id, chosen, rejected, video_root, label=prompt.label))
         return rows, dropped
 
-    return _build_pairs(prompts, load_video, pairs_of, seed, batch_size, processes)
+    return _build_pairs(prompts, load_video, pairs_of, seed, batch_size, processes, log)
 
 
 def temporal_pairs(
@@ -223,13 +226,15 @@ def temporal_pairs(
     video_root: str | None = None,
     batch_size: int = 8,
     processes: Processes = Processes(),
+    log: SampleLog | None = None,
 ) -> tuple[list[dict], BuildReport]:
     """Pairs from the model's answers on clean (chosen) and perturbed (rejected) videos, one per (prompt, perturbation).
 
     `answer` should be greedy (or low temperature): then a different answer is caused by the perturbation. Each kept
     pair records `perturbation`, `magnitude` and the differing phrases (`chosen_phrases`, `rejected_phrases`).
     Batch `b` is answered by process `b mod N` of `processes`, from its own seed; a question whose video does not
-    decode is dropped and named in the report.
+    decode is dropped and named in the report. With a `log`, each batch's outcome is written to it as it comes, and a
+    rerun on the same log answers only the batches it lacks.
     """
     pair_filter = pair_filter or PairFilter()
 
@@ -257,7 +262,7 @@ def temporal_pairs(
                 )
         return rows, dropped
 
-    return _build_pairs(prompts, load_video, pairs_of, seed, batch_size, processes)
+    return _build_pairs(prompts, load_video, pairs_of, seed, batch_size, processes, log)
 
 
 def _build_pairs(
@@ -267,27 +272,45 @@ def _build_pairs(
     seed: int,
     batch_size: int,
     processes: Processes,
+    log: SampleLog | None,
 ) -> tuple[list[dict], BuildReport]:
     """What the builders share: prompts cut into batches, batch `b` answered by process `b mod N` after seeding torch
-    with its own seed (so sampled answers are those one process draws, and a changed batch changes nothing else), and
-    questions whose video does not decode dropped and named instead of ending the run. Rows come in prompt order."""
+    with its own seed (so sampled answers are those one process draws), questions whose video does not decode dropped
+    and named instead of ending the run, and, with a `log`, each batch's outcome written as it comes, so that a rerun
+    answers only the batches it lacks. Rows come in prompt order."""
+    batches = list(enumerate(_batches(prompts, batch_size)))
+    logged = {entry["batch"]: entry for entry in (log.rows if log else [])}
+    for number, batch in batches:
+        if number in logged and logged[number]["prompt_ids"] != [p.id for p in batch]:
+            raise RunSettingsMismatch(
+                f"{log.path}: batch {number} was cut from other questions ({logged[number]['prompt_ids'][:3]}... "
+                f"against {[p.id for p in batch][:3]}...): the input changed since this build started; delete "
+                f"{log.path} to start over"
+            )
 
-    def answer_batch(item: tuple[int, Sequence[Prompt]]) -> list[tuple[list[dict], list[str], list[str]]]:
+    def answer_batch(item: tuple[int, Sequence[Prompt]]) -> list[dict]:
         number, batch = item
         readable, unreadable = decode_each(batch, lambda prompt: prompt.videos, load_video)
         torch.manual_seed(stable_seed(seed, "batch", number))
         rows, dropped = pairs_of([p for p, _ in readable], [vs for _, vs in readable]) if readable else ([], [])
-        return [(rows, dropped, [f"{prompt.id}: {error}" for prompt, error in unreadable])]
+        unreadable = [f"{prompt.id}: {error}" for prompt, error in unreadable]
+        return [{"batch": number, "prompt_ids": [p.id for p in batch], "rows": rows, "dropped": dropped,
+                 "unreadable": unreadable}]  # fmt: skip
 
+    left = [(number, batch) for number, batch in batches if number not in logged]
+    for entries in processes.map_batches(left, answer_batch):
+        if log is not None:
+            log.append(entries)
+        logged.update((entry["batch"], entry) for entry in entries)
     rows, report = [], BuildReport()
-    for results in processes.map_batches(list(enumerate(_batches(prompts, batch_size))), answer_batch):
-        for batch_rows, dropped, unreadable in results:
-            rows.extend(batch_rows)
-            report.kept += len(batch_rows)
-            report.dropped.update(dropped)
-            if unreadable:
-                report.dropped["unreadable_video"] += len(unreadable)
-                report.unreadable.extend(unreadable)
+    for number, _ in batches:
+        entry = logged[number]
+        rows.extend(entry["rows"])
+        report.kept += len(entry["rows"])
+        report.dropped.update(entry["dropped"])
+        if entry["unreadable"]:
+            report.dropped["unreadable_video"] += len(entry["unreadable"])
+            report.unreadable.extend(entry["unreadable"])
     return rows, report
 
 

@@ -144,7 +144,8 @@ class RunDirectory:
 
 
 class SampleLog:
-    """An append-only JSONL file of generated samples that survives being killed mid-write.
+    """An append-only JSONL file of generated rows (a run's samples, a preference build's batches) that survives being
+    killed mid-write.
 
     Opening it drops a torn last line (a write cut short), so appends always start on a line of their own. In a run on
     several processes, the main process reads and writes the file and every process holds the same rows.
