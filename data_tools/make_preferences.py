@@ -113,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     processes = Processes.launched()
     progress = Path(f"{args.output}.progress")
     try:
-        RunDirectory(progress, build_settings(args, settings), processes=processes, fresh_start="delete it").open()
+        RunDirectory(progress, build_settings(args, settings), processes=processes, name="the progress folder",
+                     fresh_start="delete it").open()  # fmt: skip
     except RunSettingsMismatch as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

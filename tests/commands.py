@@ -4,6 +4,7 @@ started by `accelerate launch` on this CPU."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +13,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def accelerate_launch(config: str = "launch/cpu_2proc.yaml") -> list[str]:
-    """The command prefix that starts what follows on the processes `config` (under launch/) describes."""
-    return [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", config]
+    """The command prefix that starts what follows on the processes `config` (under launch/) describes, meeting on
+    a free port (tests run in parallel: two launches on the default port would join each other's run)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    return [accelerate, "launch", "--config_file", config, "--main_process_port", str(port)]
 
 
-# two data-parallel processes on this CPU, over gloo
-TWO_CPU_PROCESSES = accelerate_launch()
+def two_cpu_processes() -> list[str]:
+    """Two data-parallel processes on this CPU, over gloo."""
+    return accelerate_launch("launch/cpu_2proc.yaml")
 
 
 def command_env() -> dict[str, str]:

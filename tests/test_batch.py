@@ -13,7 +13,7 @@ from videollm.infer.batch import main as batch_main
 from videollm.infer.generate import GenerationSettings
 from videollm.infer.session import InferenceEngine
 
-from commands import TWO_CPU_PROCESSES, run
+from commands import run, two_cpu_processes
 
 SETTINGS = GenerationSettings(max_new_tokens=4)
 
@@ -75,7 +75,7 @@ def test_two_processes_resume_a_partial_file_into_the_one_process_file(checkpoin
     batch_main([*argv, "--output", str(tmp_path / "one.jsonl")])
     one = (tmp_path / "one.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "two.jsonl").write_text("".join(one[:3]))
-    result = run([*TWO_CPU_PROCESSES, "-m", "videollm.infer.batch", *argv, "--output", str(tmp_path / "two.jsonl")])
+    result = run([*two_cpu_processes(), "-m", "videollm.infer.batch", *argv, "--output", str(tmp_path / "two.jsonl")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == f"6 answered, 3 already in {tmp_path / 'two.jsonl'}"
     assert result.stdout.count("answered") == 1

@@ -39,7 +39,7 @@ from videollm.train.dpo import (
 )
 from videollm.train.losses import NO_PHRASE, gather_logprobs
 
-from commands import REPO, TWO_CPU_PROCESSES, run
+from commands import REPO, run, two_cpu_processes
 
 FRAMES = 4
 LOGGED_EVERY_STEP = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"]
@@ -563,7 +563,7 @@ def test_second_round_reference_is_the_first_rounds_merged_policy(base, processo
 def test_two_process_ddp_dpo_on_cpu(synthetic, checkpoint, feature_caches, tmp_path, extra):
     out = tmp_path / "out"
     extra = [str(feature_caches[a]) if a in feature_caches else a for a in extra]
-    result = run([*TWO_CPU_PROCESSES, "recipes/dpo.py", "--config", "recipes/configs/dpo_tiny.yaml",
+    result = run([*two_cpu_processes(), "recipes/dpo.py", "--config", "recipes/configs/dpo_tiny.yaml",
                   "--model_name_or_path", str(checkpoint), "--train_file", str(synthetic / "preference_train.jsonl"),
                   "--video_root", str(synthetic), "--output_dir", str(out), "--max_steps", "3",
                   "--per_device_train_batch_size", "2", "--dataloader_num_workers", "0", "--learning_rate", "1e-2",

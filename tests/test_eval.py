@@ -21,7 +21,7 @@ from videollm.selftrain.verifiers import RecordVerifiers
 from videollm.model.checkpoint import save_checkpoint
 from videollm.model.presets import build_tiny_model_and_processor
 
-from commands import TWO_CPU_PROCESSES, run
+from commands import run, two_cpu_processes
 
 
 DIRECTIONS = ["left", "right", "up", "down"]
@@ -156,7 +156,7 @@ def test_eval_on_two_processes_gives_what_one_process_gives(checkpoint_and_data,
     argv = ["--model", str(checkpoint), "--data", str(data / "test.jsonl"), "--video_root", str(data),
             "--max_new_tokens", "4", "--batch_size", "2", "--shuffle_frames"]  # fmt: skip
     eval_main([*argv, "--output", str(tmp_path / "one.json")])
-    result = run([*TWO_CPU_PROCESSES, "-m", "videollm.eval", *argv, "--output", str(tmp_path / "two.json")])
+    result = run([*two_cpu_processes(), "-m", "videollm.eval", *argv, "--output", str(tmp_path / "two.json")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("frames shuffled") == 1  # the table, printed by the first process only
 

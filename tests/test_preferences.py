@@ -30,7 +30,7 @@ from videollm.selftrain.runs import RunSettingsMismatch, SampleLog
 from videollm.selftrain.verifiers import ClassVerifier, get_verifier
 from videollm.train.dpo import VideoDPOConfig, preference_rows
 
-from commands import REPO, TWO_CPU_PROCESSES, run
+from commands import REPO, run, two_cpu_processes
 
 
 def ramp_video(num_frames: int = 8, path: str = "ramp.mp4") -> DecodedVideo:
@@ -260,7 +260,7 @@ def test_make_preferences_writes_pairs_and_curriculum_stages_on_one_or_two_proce
     output, data, corrupt = built["output"], built["data"], built["corrupt"]
     assert built["code"] == 0 and not Path(f"{output}.progress").exists()  # the progress is gone once the output is written
 
-    two = run([*TWO_CPU_PROCESSES, "data_tools/make_preferences.py", *built["argv"], "--output", str(tmp_path / "two.jsonl")])
+    two = run([*two_cpu_processes(), "data_tools/make_preferences.py", *built["argv"], "--output", str(tmp_path / "two.jsonl")])
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stderr.count(f"warning: skipped {corrupt['id']}: ") == 1 and corrupt["video"] in two.stderr
     assert two.stdout.count("unreadable_video=1") == 1 and "from 4 questions" in two.stdout

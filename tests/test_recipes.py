@@ -14,7 +14,7 @@ import torch
 from videollm.data.synthetic import SyntheticConfig, generate_dataset
 from videollm.model.checkpoint import load_model
 
-from commands import TWO_CPU_PROCESSES, accelerate_launch, run
+from commands import accelerate_launch, run, two_cpu_processes
 
 TINY_CONFIG = "recipes/configs/sft_tiny.yaml"
 
@@ -109,7 +109,7 @@ def _two_rank_run(synthetic: Path, output_dir: Path, launcher: list[str]) -> str
 
 
 def test_two_process_ddp_on_cpu(synthetic, tmp_path):
-    launcher = TWO_CPU_PROCESSES
+    launcher = two_cpu_processes()
     _two_rank_run(synthetic, tmp_path / "out", launcher)
     load_model(tmp_path / "out")
 

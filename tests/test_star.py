@@ -43,7 +43,7 @@ from videollm.train.config import DataArguments, ModelArguments, parse_config
 from videollm.train.dpo import VideoDPOConfig
 from videollm.train.sft import VideoSFTConfig
 
-from commands import REPO, TWO_CPU_PROCESSES, command_env, run
+from commands import REPO, command_env, run, two_cpu_processes
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 FRAMES = 4
@@ -522,7 +522,7 @@ def test_self_training_on_two_processes_shares_the_sampling_and_draws_what_one_p
         one = tmp_path / "one"
         single = run([sys.executable, *recipe_argv(recipe, synthetic, seed_model, one, *extra)])
         assert single.returncode == 0, single.stderr[-3000:]
-    two = run([*TWO_CPU_PROCESSES, *recipe_argv(recipe, synthetic, seed_model, tmp_path / "two", *extra)], timeout=600)
+    two = run([*two_cpu_processes(), *recipe_argv(recipe, synthetic, seed_model, tmp_path / "two", *extra)], timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("summary:") == 1  # printed by the main process only
 
@@ -544,11 +544,11 @@ def test_self_training_on_two_processes_shares_the_sampling_and_draws_what_one_p
     if recipe != "star":
         return  # resumption is the run directory's, the same for both recipes
 
-    again = run([*TWO_CPU_PROCESSES, *recipe_argv(recipe, synthetic, seed_model, tmp_path / "two")], timeout=600)
+    again = run([*two_cpu_processes(), *recipe_argv(recipe, synthetic, seed_model, tmp_path / "two")], timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("summary:") == 1
     assert "answered" not in again.stderr and "finished after" not in again.stderr  # nothing generated or trained again
-    other = run([*TWO_CPU_PROCESSES, *recipe_argv(recipe, synthetic, seed_model, tmp_path / "two", "--num_samples", "3")])
+    other = run([*two_cpu_processes(), *recipe_argv(recipe, synthetic, seed_model, tmp_path / "two", "--num_samples", "3")])
     assert other.returncode != 0
     # one line from each process (the two may interleave in the shared stderr)
     assert other.stderr.count("error: output_dir") == other.stderr.count("(num_samples: 2 -> 3)") == 2, other.stderr[-3000:]

@@ -90,18 +90,20 @@ class RunDirectory:
         step_name: "cycle" (STaR) or "round" (self-preference): folder names and the samples' step field.
         ignore: settings keys that may change between reruns (e.g. logging), left out of the comparison.
         processes: the processes of the run; the main one reads and writes the files, and tells the others.
-        fresh_start: how to start afresh instead of resuming, as the settings-mismatch error tells it.
+        name: what the settings-mismatch error calls `path` (the flag that chose it).
+        fresh_start: how to start afresh instead of resuming, as that error tells it.
     """
 
     def __init__(
         self, path: str | Path, settings: dict[str, Any], step_name: str = "cycle", ignore: Iterable[str] = (),
-        processes: Processes = Processes(), fresh_start: str = "choose another output_dir",
+        processes: Processes = Processes(), name: str = "output_dir", fresh_start: str = "choose another output_dir",
     ):  # fmt: skip
         self.path = Path(path)
         self.step_name = step_name
         self.settings = json.loads(json.dumps(settings, default=str))
         self.ignore = set(ignore)
         self.processes = processes
+        self.name = name
         self.fresh_start = fresh_start
 
     def open(self) -> bool:
@@ -120,7 +122,7 @@ class RunDirectory:
         if changed:
             details = "; ".join(f"{k}: {saved.get(k)!r} -> {self.settings.get(k)!r}" for k in changed[:5])
             raise RunSettingsMismatch(
-                f"{self.path} holds a run started with other settings ({details}); "
+                f"{self.name} {self.path} holds a run started with other settings ({details}); "
                 f"rerun with the same settings to resume, or {self.fresh_start}"
             )
         return True
