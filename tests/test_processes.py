@@ -11,7 +11,12 @@ import sys
 
 import torch
 
-from videollm.infer.processes import Processes, sendable, stable_seed
+from videollm.infer.processes import Processes, cut_into_batches, sendable, stable_seed
+
+
+def test_items_are_cut_into_consecutive_batches():
+    assert cut_into_batches(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert cut_into_batches([], 3) == []
 
 
 def test_every_batch_falls_to_exactly_one_process_in_turn():

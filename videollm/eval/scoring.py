@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from videollm.data.video import DecodedVideo, decode_each
 from videollm.infer.generate import GenerationSettings, generate_answers
-from videollm.infer.processes import Processes, stable_seed
+from videollm.infer.processes import Processes, cut_into_batches, stable_seed
 
 if TYPE_CHECKING:
     from videollm.data.processor import VideoLLMProcessor
@@ -92,7 +92,7 @@ def score_answers(
                 rows.append(_row(question, text, verifiers.check(question.target, text), decoded))
         return rows
 
-    batches = [questions[start : start + batch_size] for start in range(0, len(questions), batch_size)]
+    batches = cut_into_batches(questions, batch_size)
     predictions = []
     with tqdm(total=len(questions), desc="evaluating", unit="sample", disable=not processes.is_main) as progress:
         for rows in processes.map_batches(batches, answer):  # one row per question

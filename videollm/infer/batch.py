@@ -17,7 +17,7 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from videollm.data.formats import ConversationRecord, DataValidationError, iter_
 from videollm.data.video import DecodedVideo, decode_each
 from videollm.infer.generate import GenerationSettings
 from videollm.infer.placement import PlacementArguments
-from videollm.infer.processes import Processes
+from videollm.infer.processes import Processes, cut_into_batches
 from videollm.infer.session import InferenceEngine
 
 
@@ -84,11 +84,6 @@ def _rewrite(path: Path, rows: list[dict]) -> None:
     os.replace(temporary, path)
 
 
-def _batches(records: list[ConversationRecord], size: int) -> Iterator[list[ConversationRecord]]:
-    for start in range(0, len(records), size):
-        yield records[start : start + size]
-
-
 def generate_dataset_answers(
     engine: InferenceEngine,
     records: list[ConversationRecord],
@@ -108,7 +103,7 @@ def generate_dataset_answers(
     output = Path(output)
     finished = processes.from_main(lambda: read_finished(output, retry_errors))
     todo = [r for r in records if r.id not in finished]
-    batches = list(_batches(todo, batch_size))
+    batches = cut_into_batches(todo, batch_size)
     progress = tqdm(
         total=len(records), initial=len(records) - len(todo), desc="generating", unit="sample", disable=not processes.is_main
     )

@@ -33,6 +33,12 @@ def stable_seed(*parts: Any) -> int:
     return zlib.crc32(json.dumps(parts, sort_keys=True, default=str).encode())
 
 
+def cut_into_batches(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    """`items` in consecutive batches of `size` (the last may be shorter): the unit a process answers and a run
+    resumes by."""
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
 @dataclass(frozen=True)
 class Processes:
     """The processes of a command: this one's `index` among `count`, and its index on its machine (`local_index`,

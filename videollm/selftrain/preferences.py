@@ -30,7 +30,7 @@ import torch
 
 from videollm.data.formats import PLACEHOLDER, LabelledRecord, relative_video_path, write_jsonl
 from videollm.data.video import DecodedVideo, decode_each
-from videollm.infer.processes import Processes, stable_seed
+from videollm.infer.processes import Processes, cut_into_batches, stable_seed
 from videollm.selftrain.runs import RunSettingsMismatch, SampleLog
 from videollm.selftrain.verifiers import RecordVerifiers, Verifier, get_verifier, normalize_answer
 
@@ -151,8 +151,6 @@ def preference_record(
         "id": pair_id, "question_id": prompt.id, "videos": videos, "prompt": prompt.messages,
         "chosen": chosen, "rejected": rejected, **meta,
     }  # fmt: skip
-
-
 
 
 # ---- builders -------------------------------------------------------------------------------------------------------
@@ -278,7 +276,7 @@ def _build_pairs(
     with its own seed (so sampled answers are those one process draws), questions whose video does not decode dropped
     and named instead of ending the run, and, with a `log`, each batch's outcome written as it comes, so that a rerun
     answers only the batches it lacks. Rows come in prompt order."""
-    batches = list(enumerate(_batches(prompts, batch_size)))
+    batches = list(enumerate(cut_into_batches(prompts, batch_size)))
     logged = {entry["batch"]: entry for entry in (log.rows if log else [])}
     for number, batch in batches:
         if number in logged and logged[number]["prompt_ids"] != [p.id for p in batch]:
@@ -346,8 +344,3 @@ def model_answerer(model: torch.nn.Module, processor, settings=None) -> Answerer
         return generate_answers(model, processor, conversations, videos, settings)
 
     return answer
-
-
-def _batches(items: Sequence, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -52,7 +52,7 @@ from videollm.data.video import DecodedVideo, decode_each
 from videollm.eval.scoring import Question, score_answers
 from videollm.infer.generate import GenerationSettings, generate_answers
 from videollm.infer.placement import load_for_inference
-from videollm.infer.processes import Processes, stable_seed
+from videollm.infer.processes import Processes, cut_into_batches, stable_seed
 from videollm.model.checkpoint import save_checkpoint
 from videollm.selftrain.verifiers import RecordVerifiers, Verdict
 from videollm.train.checkpointing import resolve_latest_checkpoint
@@ -262,8 +262,8 @@ class Sampler:
         done = log.resume(stage, self.settings.num_return_sequences)
         wanted = [p for p in prompts if only is None or p.id in only]
         left = []
-        for number, start in enumerate(range(0, len(prompts), self.batch_size)):
-            batch = [p for p in prompts[start : start + self.batch_size] if only is None or p.id in only]
+        for number, cut in enumerate(cut_into_batches(prompts, self.batch_size)):
+            batch = [p for p in cut if only is None or p.id in only]
             if not all(p.id in done for p in batch):
                 left.append((number, batch))
         model = functools.cache(model_loader)  # loaded once, and only by a process with something to answer
