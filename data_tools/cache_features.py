@@ -134,6 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.exit("error: feature_cache_dir is required (where to write the cache)")
     if cache_args.cache_level not in ("auto", *LEVELS):
         sys.exit(f"error: cache_level: {cache_args.cache_level!r} is not one of auto | {' | '.join(LEVELS)}")
+    dtype = getattr(torch, cache_args.cache_dtype, None) if cache_args.cache_dtype else None
+    if cache_args.cache_dtype and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        problem = "is not a floating-point torch dtype (bfloat16, float16, float32)"
+        sys.exit(f"error: cache_dtype: {cache_args.cache_dtype!r} {problem}")
+    if cache_args.cache_batch_videos < 1 or cache_args.cache_shard_mb < 1:
+        sys.exit("error: cache_batch_videos and cache_shard_mb must be >= 1")
     try:
         records = read_records(data_args, recipe_args[0])
     except (DataValidationError, ValueError) as error:
@@ -155,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         identity,
         video_root=data_args.video_root,
         shard_bytes=cache_args.cache_shard_mb << 20,
-        dtype=getattr(torch, cache_args.cache_dtype) if cache_args.cache_dtype else None,
+        dtype=dtype,
     )
     paths = list(dict.fromkeys(path for record in records for path in record.videos))
     todo = [path for path in paths if path not in writer]

@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = Path(args.file)
     report_path = Path(args.report) if args.report else source.with_suffix(".report.json")
     output_path = Path(args.output) if args.output else source.with_suffix(".clean.jsonl")
-    problem = _usage_problem(args, source, output_path)
+    problem = _usage_problem(args, source, output_path, report_path)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK if report.ok else EXIT_BAD_RECORDS
 
 
-def _usage_problem(args: argparse.Namespace, source: Path, output_path: Path) -> str | None:
+def _usage_problem(args: argparse.Namespace, source: Path, output_path: Path, report_path: Path) -> str | None:
     if not source.is_file():
         return f"{source}: file not found"
     if source.suffix.lower() != ".jsonl":
@@ -96,10 +96,16 @@ def _usage_problem(args: argparse.Namespace, source: Path, output_path: Path) ->
         return f"--video_root: {args.video_root} is not a directory"
     if args.processor is not None and not Path(args.processor).is_dir():
         return f"--processor: {args.processor} is not a directory"
+    if args.max_length is not None and args.processor is None:
+        return "--max_length needs --processor: the token budget is counted with the processor's tokenizer"
+    if args.max_length is not None and args.max_length < 1:
+        return f"--max_length: must be >= 1, got {args.max_length}"
     if args.num_workers < 1:
         return f"--num_workers: must be >= 1, got {args.num_workers}"
     if output_path.resolve() == source.resolve():
         return "--output: must not be the input file"
+    if report_path.resolve() in (source.resolve(), output_path.resolve()):
+        return "--report: must not be the input file or the --output file"
     return None
 
 

@@ -8,6 +8,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -116,6 +117,13 @@ def test_rerun_resumes_without_decoding(data, checkpoint, tower_cache, capsys):
     assert "3 videos, 3 already cached" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "int8", "Tensor"])
+def test_a_cache_dtype_that_is_no_float_dtype_stops_before_anything_is_written(data, checkpoint, tmp_path, dtype):
+    with pytest.raises(SystemExit, match=f"cache_dtype: '{dtype}' is not a floating-point torch dtype"):
+        cache_features(cli_args(data, checkpoint, tmp_path / "cache", "--cache_dtype", dtype))
+    assert not (tmp_path / "cache").exists()
+
+
 def test_projector_level_cache(data, checkpoint, tmp_path):
     """Frozen tower and projector: projector outputs are cached and passed as `video_embeds`."""
     model, processor = load(checkpoint, projector="frozen")
@@ -184,6 +192,39 @@ def test_other_weights_spec_or_video_are_refused(data, checkpoint, tower_cache):
     uncached[0].videos = [str(data / "videos" / "elsewhere.mp4")]
     with pytest.raises(FeatureCacheError, match="not cached"):
         CachedFeatureDataset(uncached, processor, cache)
+
+
+def _write_png(path: Path, value: int) -> None:
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("png")
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "rgb24"
+        frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), value, dtype=np.uint8), format="rgb24")
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+def test_a_frame_folder_whose_frames_are_overwritten_is_refused(checkpoint, tmp_path):
+    """Re-extracting frames under the same names leaves the folder's own size and mtime as they were."""
+    model, processor = load(checkpoint)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(4):
+        _write_png(folder / f"{i:03d}.png", 40 * i)
+    writer = FeatureCacheWriter(tmp_path / "cache", cache_identity(model, processor, "tower"), video_root=tmp_path)
+    video = processor.load_video(folder)
+    writer.add(folder, encode_videos(model, processor.pixel_values(video), [len(video.indices)], "tower")[0], video)
+    writer.close()
+    cache = FeatureCache.open(tmp_path / "cache", model, processor, video_root=tmp_path)
+    cache.check([folder])
+
+    folder_stat = folder.stat()
+    _write_png(folder / "001.png", 250)
+    frame_stat = (folder / "001.png").stat()
+    os.utime(folder / "001.png", ns=(frame_stat.st_atime_ns, frame_stat.st_mtime_ns + 10**9))
+    assert (folder.stat().st_size, folder.stat().st_mtime_ns) == (folder_stat.st_size, folder_stat.st_mtime_ns)
+    with pytest.raises(FeatureCacheError, match="changed on disk"):
+        cache.check([folder])
+    assert folder not in FeatureCacheWriter(tmp_path / "cache", writer.identity, video_root=tmp_path)
 
 
 def test_unreadable_video_goes_to_the_bad_sample_policy(checkpoint, tmp_path):

@@ -9,9 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from videollm.data.processor import SampleTooLongError
 from videollm.data.sampling import SamplingSpec
 from videollm.data.synthetic import SyntheticConfig, generate_dataset
+from videollm.data.validation import validate_file
+from videollm.data.video import DecodedVideo
 from videollm.model.presets import build_tiny_model_and_processor
 
 from commands import REPO, command_env
@@ -126,7 +130,7 @@ def test_a_clean_file_exits_0_and_is_copied_unchanged(tmp_path: Path, capsys) ->
     assert "3 of 3 records are good" in capsys.readouterr().out
 
 
-def test_usage_errors_exit_with_code_2(data: Path, tmp_path: Path, capsys) -> None:
+def test_usage_errors_exit_with_code_2(data: Path, processor_dir: Path, tmp_path: Path, capsys) -> None:
     script = _load_script()
     json_array = tmp_path / "records.json"
     json_array.write_text("[]")
@@ -138,8 +142,59 @@ def test_usage_errors_exit_with_code_2(data: Path, tmp_path: Path, capsys) -> No
     assert script.main([str(records), "--video_root", str(tmp_path / "nowhere")]) == 2
     assert script.main([str(records), "--processor", str(tmp_path)]) == 2  # a folder without a processor
     assert script.main([str(records), "--output", str(records)]) == 2
+    assert script.main([str(records), "--report", str(records)]) == 2  # would overwrite the data with the report
+    assert script.main([str(records), "--max_length", "64"]) == 2  # no budget is checked without a processor
+    assert script.main([str(records), "--processor", str(processor_dir), "--max_length", "0"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 6
+    assert len(errors) == 9
+    assert errors[7].startswith("error: --max_length needs --processor")
     with pytest.raises(SystemExit) as info:
         script.main([])
     assert info.value.code == 2
+
+
+def test_a_file_of_only_bad_records_lists_them_and_nothing_else(tmp_path: Path) -> None:
+    source = tmp_path / "all_bad.jsonl"
+    source.write_text('{"id": "a"}\n\n{"id": "b", "conversations": "hello"}\n')
+
+    report = validate_file(source, num_workers=1, progress=False)
+
+    assert [(p.location, p.id, p.field) for p in report.problems] == [
+        (f"{source}:1", "a", None),
+        (f"{source}:3", "b", "conversations"),
+    ]  # and no "no records found": the file has records, all of them bad
+    assert (report.records, report.good_lines, report.bad_lines) == (2, [], [1, 3])
+
+
+# The processor's token budget, which the validation above applies to training samples; generation prompts differ.
+
+
+def _tiny_video(num_frames: int = 8) -> DecodedVideo:
+    frames = torch.zeros((num_frames, 3, 32, 32), dtype=torch.uint8)
+    return DecodedVideo(frames, list(range(num_frames)), [i / 8 for i in range(num_frames)], num_frames / 8, "clip.mp4")
+
+
+def test_a_generation_prompt_over_max_length_is_refused_not_cut() -> None:
+    _, processor = build_tiny_model_and_processor(projector_type="stc", sampling=SamplingSpec(num_frames=8))
+    question = [{"role": "user", "content": "<video>\nWhat is going on?"}]
+    longer = [{"role": "user", "content": "<video>\nWhat is going on in this clip, in many words please?"}]
+    fits = processor.encode(question, [_tiny_video()], add_generation_prompt=True).input_ids
+    too_long = len(processor.encode(longer, [_tiny_video()], add_generation_prompt=True).input_ids)
+    processor.max_length = len(fits) + 5
+    assert too_long > processor.max_length
+
+    assert processor.encode(question, [_tiny_video()], add_generation_prompt=True).input_ids == fits
+    with pytest.raises(SampleTooLongError, match=rf"prompt is {too_long} tokens .* max_length={len(fits) + 5}"):
+        processor.encode(longer, [_tiny_video()], add_generation_prompt=True)
+    with pytest.raises(SampleTooLongError):
+        processor([longer], [[_tiny_video()]])
+    # A training sample still loses the end of its text (its answer), never its visual tokens.
+    sample = processor.encode([*question, {"role": "assistant", "content": "a shape " * 20}], [_tiny_video()])
+    assert len(sample.input_ids) == len(fits) + 5
+
+
+def test_a_batch_needs_one_list_of_videos_per_conversation() -> None:
+    _, processor = build_tiny_model_and_processor(projector_type="stc", sampling=SamplingSpec(num_frames=8))
+    question = [{"role": "user", "content": "<video>\nWhat moves?"}]
+    with pytest.raises(ValueError, match="2 conversations but 1 lists of videos"):
+        processor([question, question], [[_tiny_video()]])

@@ -30,6 +30,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Any
 
 import torch
@@ -41,7 +42,7 @@ from videollm.data.dataset import SAMPLE_ID, ConversationDataset, record_message
 from videollm.data.formats import ConversationRecord
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.robust import BadSamplePolicy
-from videollm.data.video import CachedVideo, DecodedVideo, VideoDecodeError
+from videollm.data.video import IMAGE_EXTENSIONS, CachedVideo, DecodedVideo, VideoDecodeError
 from videollm.model.trainable import unwrap
 
 CACHE_FORMAT = 1
@@ -68,6 +69,7 @@ class CacheIdentity:
     image_std: tuple[float, ...]
 
     def to_dict(self) -> dict[str, Any]:
+        """The identity as JSON data (what `manifest.json` holds), with the cache format version."""
         return {
             "format": CACHE_FORMAT,
             "level": self.level,
@@ -79,6 +81,7 @@ class CacheIdentity:
 
     @property
     def folder(self) -> str:
+        """The cache's folder name: the level and a hash of `to_dict`."""
         digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
         return f"{self.level}-{digest[:16]}"
 
@@ -172,13 +175,26 @@ def video_key(path: str | os.PathLike[str], video_root: str | os.PathLike[str] |
     return Path(absolute).as_posix()
 
 
-def _file_state(path: str | os.PathLike[str]) -> dict[str, int] | None:
-    """Size and modification time of a video (file or frame folder); None when it does not exist."""
+def _file_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """Size and modification time of a video; None when it does not exist.
+
+    A frame folder also gets a digest of the name, size and modification time of each of its images: overwriting a
+    frame in place (re-extracting frames under the same names) leaves the folder's own size and mtime unchanged.
+    """
     try:
         stat = os.stat(path)
     except FileNotFoundError:
         return None
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    state: dict[str, Any] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if S_ISDIR(stat.st_mode):
+        frames = []
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+                    frame = entry.stat()
+                    frames.append((entry.name, frame.st_size, frame.st_mtime_ns))
+        state["frames"] = hashlib.sha256(json.dumps(sorted(frames)).encode()).hexdigest()
+    return state
 
 
 def _tensor_name(key: str) -> str:
@@ -268,6 +284,7 @@ class FeatureCacheWriter:
         self._pending, self._pending_entries, self._pending_bytes = {}, {}, 0
 
     def close(self) -> None:
+        """Flush what is queued; the cache is complete once this returns."""
         self.flush()
 
 

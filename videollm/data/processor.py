@@ -44,6 +44,7 @@ class EncodedSample:
     frame_timestamps: list[list[float]]
 
     def as_features(self) -> dict[str, Any]:
+        """The sample as a dataset item: ids, labels, video inputs, `video_num_frames` (what the collators take)."""
         return {
             "input_ids": self.input_ids,
             "labels": self.labels,
@@ -114,10 +115,12 @@ class VideoLLMProcessor(ProcessorMixin):
 
     @property
     def spec(self) -> SamplingSpec:
+        """The saved sampling spec, as a `SamplingSpec`."""
         return SamplingSpec.from_dict(self.sampling)
 
     @property
     def layout(self) -> VisualTokenLayout:
+        """The model's visual-token layout (how many tokens a video of T frames becomes)."""
         return VisualTokenLayout.from_dict(self.token_layout)
 
     def __getstate__(self) -> dict:
@@ -153,6 +156,7 @@ class VideoLLMProcessor(ProcessorMixin):
 
     # ---- text -----------------------------------------------------------------------------------------------------
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        """The conversation as text through the chat template (placeholders as they are, not expanded)."""
         return self.tokenizer.apply_chat_template(
             list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=self.chat_template
         )
@@ -203,7 +207,9 @@ class VideoLLMProcessor(ProcessorMixin):
             input_ids.append(token_id)
             labels.append(token_id if in_answer else IGNORE_INDEX)
 
-        input_ids, labels = self._fit(input_ids, labels, sum(counts), sample_id, needs_labels=bool(assistant_spans))
+        input_ids, labels = self._fit(
+            input_ids, labels, sum(counts), sample_id, needs_labels=bool(assistant_spans), whole=add_generation_prompt
+        )
         return EncodedSample(
             input_ids=input_ids,
             labels=labels,
@@ -225,9 +231,19 @@ class VideoLLMProcessor(ProcessorMixin):
             raise ValueError("a sample mixes decoded and cached videos, or cache levels; one run reads one cache")
         return {FEATURE_KEYS[cached[0].level]: torch.cat([video.features for video in cached])}
 
-    def _fit(self, input_ids: list[int], labels: list[int], visual: int, sample_id: str, needs_labels: bool):
+    def _fit(
+        self, input_ids: list[int], labels: list[int], visual: int, sample_id: str, needs_labels: bool, whole: bool
+    ) -> tuple[list[int], list[int]]:
         if self.max_length is None or len(input_ids) <= self.max_length:
             return input_ids, labels
+        if whole:
+            # A prompt to generate from: cutting its end would drop the question and the assistant header the model
+            # continues from, and it would answer something else without a word.
+            raise SampleTooLongError(
+                f"sample {sample_id!r}: the prompt is {len(input_ids)} tokens ({visual} visual), over "
+                f"max_length={self.max_length}; a prompt to generate from is never truncated: shorten the conversation, "
+                "sample fewer frames, or raise max_length"
+            )
         positions = [i for i, t in enumerate(input_ids) if t == self.video_token_id]
         last_visual = positions[-1] if positions else -1
         if last_visual >= self.max_length:
@@ -269,6 +285,11 @@ class VideoLLMProcessor(ProcessorMixin):
     ) -> dict[str, torch.Tensor]:
         """Encode a batch of conversations for generation (left padded); videos may be paths or decoded videos."""
         videos = videos if videos is not None else [[] for _ in conversations]
+        if len(videos) != len(conversations):
+            raise ValueError(
+                f"{len(conversations)} conversations but {len(videos)} lists of videos; give one list (maybe empty) "
+                "per conversation"
+            )
         features = []
         for i, (messages, sample_videos) in enumerate(zip(conversations, videos)):
             decoded = [v if isinstance(v, DecodedVideo) else self.load_video(v) for v in sample_videos]
@@ -278,7 +299,9 @@ class VideoLLMProcessor(ProcessorMixin):
         return batch
 
     def batch_decode(self, *args, **kwargs) -> list[str]:
+        """The tokenizer's `batch_decode`."""
         return self.tokenizer.batch_decode(*args, **kwargs)
 
     def decode(self, *args, **kwargs) -> str:
+        """The tokenizer's `decode`."""
         return self.tokenizer.decode(*args, **kwargs)

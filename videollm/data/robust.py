@@ -385,6 +385,7 @@ class BadSampleCollator:
         self._ids: dict[str, dict[str, int]] = {}
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> Any:
+        """The inner collator's batch of `examples`, each with its videos decoded or replaced by a readable row."""
         return self.collator([self._decoded(dict(example)) for example in examples])
 
     def _decoded(self, example: dict[str, Any]) -> dict[str, Any]:

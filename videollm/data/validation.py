@@ -216,13 +216,16 @@ def _check_schema(
     so that default ids stay the same) in which the bad lines are blanked; blank lines keep the line numbers.
     """
     load = _LOADERS[kind]
-    raw_ids = {number: raw.get("id") for number, raw in iter_jsonl(path) if isinstance(raw, dict)}
+    lines = list(iter_jsonl(path))
+    raw_ids = {number: raw.get("id") for number, raw in lines if isinstance(raw, dict)}
     problems: list[RecordProblem] = []
     blanked: set[int] = set()
     with tempfile.TemporaryDirectory() as folder:
         copy = Path(folder) / path.name
         # Two passes: one finds the problems, one reads the rest. A third only if a pass found nothing to blank.
         for _ in range(3):
+            if blanked and blanked >= {number for number, _ in lines}:
+                return [], problems  # every record is bad: loading the rest would report "no records found"
             _copy_blanking(path, copy, blanked)
             try:
                 records = load(copy, video_root=video_root, check_videos=False)
