@@ -355,6 +355,19 @@ def test_lora_on_random_llm_is_refused():
         apply_trainable_policy(model, TrainablePolicy(llm="lora"))
 
 
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"vision_feature_layer": 3}, "vision_feature_layer: 3 is not a hidden state of the 2-layer vision tower; choose from -3 to 2"),
+        ({"vision_feature_layer": -4}, "vision_feature_layer: -4 is not a hidden state"),
+        ({"projector_type": "qformer", "num_query_tokens": 0}, "num_query_tokens: must be a positive number"),
+    ],
+)
+def test_architecture_keys_out_of_range_are_refused_by_name(keys, message):
+    with pytest.raises(ValueError, match=message):
+        build_tiny_model_and_processor(**{"projector_type": "mlp", **keys})
+
+
 @pytest.mark.parametrize("projector_type", PROJECTORS)
 def test_projector_emits_exactly_the_layout_count(projector_type):
     model, processor = build_tiny_model_and_processor(projector_type)
@@ -375,3 +388,53 @@ def test_frame_embeddings_make_features_depend_on_frame_order():
             backward = model.get_video_features(reversed_frames, [4])[0].reshape(4, -1, 64)
         # without frame embeddings the projector sees each frame alone, so reversing frames only reorders tokens
         assert torch.allclose(forward, backward.flip(0), atol=1e-6) is not enabled
+
+
+def test_continuing_an_adapter_trains_what_the_policy_says(saved_model, tmp_path):
+    """An adapter checkpoint loaded to train on (`tune_llm: lora`) keeps training its LoRA; the projector it saved
+    trains only with `tune_projector: full`, and a part the adapter does not save cannot be asked to train."""
+    from videollm.train.config import DataArguments, ModelArguments
+    from videollm.train.setup import load_or_build
+
+    def load(path, projector: str):
+        return load_or_build(ModelArguments(model_name_or_path=str(path), tune_llm="lora", tune_projector=projector, lora_r=4),
+                             DataArguments(), seed=0)  # fmt: skip
+
+    def trained(model) -> set[str]:
+        return {"lora" if "lora_" in n else n.split(".")[3] for n, p in model.named_parameters() if p.requires_grad}
+
+    for projector in ("full", "frozen"):
+        save_checkpoint(*load(saved_model, projector), tmp_path / projector)
+    assert trained(load(tmp_path / "full", "full")[0]) == {"lora", "projector"}
+    assert trained(load(tmp_path / "full", "frozen")[0]) == {"lora"}
+    assert trained(load(tmp_path / "frozen", "frozen")[0]) == {"lora"}
+    with pytest.raises(ValueError, match="tune_projector: full, but the adapter checkpoint"):
+        load(tmp_path / "frozen", "full")
+
+
+def test_a_lora_checkpoint_started_from_relative_paths_loads_from_any_directory(pretrained_parts, tmp_path, monkeypatch):
+    """The frozen base a LoRA checkpoint rebuilds is recorded by absolute path, whether it is a videollm checkpoint
+    (`model_name_or_path: outputs/sft_tiny`, as dpo_tiny.yaml has it) or a vision tower and an LLM."""
+    from videollm.model.builder import build_model_and_processor
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    save_checkpoint(*build_tiny_model_and_processor("mlp"), "tiny")  # names no pretrained parts: only its path rebuilds it
+    lora = TrainablePolicy(llm="lora", lora_r=4)
+    from_parts, parts_processor = build_model_and_processor("siglip", "qwen", projector_type="mlp")
+    from_checkpoint, checkpoint_processor = load_model("tiny")
+    expected = {}
+    for name, model, processor in (
+        ("from_parts", from_parts, parts_processor),
+        ("from_checkpoint", from_checkpoint, checkpoint_processor),
+    ):
+        adapted = apply_trainable_policy(model, lora)
+        with torch.no_grad():
+            next(p for n, p in adapted.named_parameters() if "lora_B" in n).fill_(0.01)  # not a no-op adapter
+            batch = mixed_batch(processor)[1]
+            expected[name] = (batch, adapted.eval()(**batch).logits)
+        save_checkpoint(adapted, processor, name)
+    monkeypatch.chdir(tmp_path.parent)
+    for name, (batch, logits) in expected.items():
+        with torch.no_grad():
+            assert torch.allclose(load_model(tmp_path / name)[0](**batch).logits, logits, atol=1e-6), name

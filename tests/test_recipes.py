@@ -97,6 +97,17 @@ def test_missing_config_file_gives_one_clear_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == f"error: --config: file not found: {tmp_path / 'nope.yaml'}"
 
 
+def test_max_frames_without_fps_is_refused_naming_it(capsys):
+    """A frame cap without fps would leave the checkpoint's (or num_frames') spec in force and the cap unused."""
+    from videollm.train.config import DataArguments, ModelArguments, parse_config
+    from videollm.train.sft import VideoSFTConfig
+
+    with pytest.raises(SystemExit):
+        parse_config([ModelArguments, DataArguments, VideoSFTConfig], ["--tiny", "true", "--max_frames", "16"])
+    assert capsys.readouterr().err.strip() == "error: max_frames: 16 caps sampling by rate only; set fps too, or use num_frames"
+    assert DataArguments(fps=2.0, max_frames=16).sampling_spec().max_frames == 16
+
+
 def _two_rank_run(synthetic: Path, output_dir: Path, launcher: list[str]) -> str:
     result = run([*launcher, *sft_args(synthetic, output_dir, "--max_steps", "6", "--learning_rate", "3e-3",
                                        "--warmup_steps", "0", "--per_device_train_batch_size", "2")], timeout=600)  # fmt: skip

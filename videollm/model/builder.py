@@ -157,8 +157,8 @@ def build_model_and_processor(
         text_config=text_config,
         projector_type=projector_type,
         video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
-        vision_name_or_path=str(vision) if isinstance(vision, (str, Path)) else None,
-        text_name_or_path=str(text) if isinstance(text, (str, Path)) else None,
+        vision_name_or_path=_source(vision),
+        text_name_or_path=_source(text),
         vision_feature_layer=feature_layer,
         **config_kwargs,
     )
@@ -180,6 +180,14 @@ def build_model_and_processor(
         **(processor_kwargs or {}),
     )
     return model, processor
+
+
+def _source(part: str | PretrainedConfig) -> str | None:
+    """Where a pretrained part came from, as a LoRA checkpoint's config records it to rebuild its base: a local
+    directory as an absolute path (so the checkpoint loads from any working directory), a hub name as given."""
+    if not isinstance(part, (str, Path)):
+        return None
+    return str(Path(part).resolve()) if Path(part).is_dir() else str(part)
 
 
 def _assemble(

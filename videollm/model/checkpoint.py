@@ -100,7 +100,9 @@ def load_model(
         if merge:
             model = model.merge_and_unload()
     else:
-        model = VideoLLMForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        # The absolute path becomes the model's `name_or_path`, which a LoRA started from it records as its base: a
+        # relative one would tie that adapter checkpoint to this working directory.
+        model = VideoLLMForConditionalGeneration.from_pretrained(path.resolve(), dtype=dtype)
     if not trainable:
         model.eval()
     return model, processor

@@ -51,6 +51,15 @@ class VideoLLMConfig(PreTrainedConfig):
         self.pool_output_size = [int(v) for v in self.pool_output_size]
         if len(self.pool_output_size) != 3 or min(self.pool_output_size) < 1:
             raise ValueError(f"pool_output_size: expected 3 positive ints (frames, height, width), got {self.pool_output_size}")
+        if self.num_query_tokens < 1:
+            raise ValueError(f"num_query_tokens: must be a positive number of visual tokens, got {self.num_query_tokens}")
+        layers = getattr(self.vision_config, "num_hidden_layers", None)
+        if isinstance(layers, int) and not -(layers + 1) <= self.vision_feature_layer <= layers:
+            # hidden_states holds the embeddings and then each layer's output: layers + 1 entries
+            raise ValueError(
+                f"vision_feature_layer: {self.vision_feature_layer} is not a hidden state of the {layers}-layer vision "
+                f"tower; choose from {-(layers + 1)} to {layers} (-2 is LLaVA's: the layer before the last)"
+            )
         if self.projector_type == "qformer" and self.qformer_config is None:
             from transformers import Blip2QFormerConfig
 

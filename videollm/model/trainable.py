@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from videollm.model.modeling import VideoLLMForConditionalGeneration
@@ -75,6 +76,30 @@ def apply_trainable_policy(model: VideoLLMForConditionalGeneration, policy: Trai
     if policy.llm != "lora":
         return model
     return get_peft_model(model, policy.lora_config())
+
+
+def apply_policy_to_adapter(model: PeftModel, policy: TrainablePolicy) -> PeftModel:
+    """Set what trains in a loaded adapter checkpoint that training continues: its LoRA, plus the vision tower and
+    projector as `policy` says (`PeftModel.from_pretrained(is_trainable=True)` trains every part the adapter saved).
+
+    A part the policy trains must be one the adapter saves (`modules_to_save`); outside it, its changes would be lost
+    at save time, so that is refused, naming the config key. The LoRA settings are the adapter's own.
+    """
+    adapter = model.active_adapter
+    saved = set(model.peft_config[adapter].modules_to_save or [])
+    base = unwrap(model).model
+    for part, key, setting in (("vision_tower", "tune_vision", policy.vision), ("projector", "tune_projector", policy.projector)):
+        trains = setting == "full"
+        if trains and part not in saved:
+            raise ValueError(
+                f"{key}: full, but the adapter checkpoint being continued does not save the {part} (its "
+                f"modules_to_save: {sorted(saved)}), so its training would be lost; set {key}: frozen, or merge the "
+                "adapter (python -m videollm.export --model DIR --output_dir MERGED) and start a new one from MERGED"
+            )
+        module = getattr(base, part)
+        if isinstance(module, ModulesToSaveWrapper):
+            module.modules_to_save[adapter].requires_grad_(trains)
+    return model
 
 
 def unwrap(model: nn.Module) -> VideoLLMForConditionalGeneration:

@@ -144,6 +144,9 @@ class DataArguments:
             raise ValueError(f"bad_sample_policy: {self.bad_sample_policy!r} is not one of {' | '.join(BAD_SAMPLE_ACTIONS)}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction: must be between 0 and 1, got {self.max_bad_fraction}")
+        if self.max_frames is not None and self.fps is None:
+            # Without fps the checkpoint's spec (or num_frames) applies and the cap would be dropped without a word.
+            raise ValueError(f"max_frames: {self.max_frames} caps sampling by rate only; set fps too, or use num_frames")
         if not self.decode_timeout > 0:
             raise ValueError(f"decode_timeout: must be a positive number of seconds, got {self.decode_timeout}")
         for name in ("train_file", "eval_file", "video_root"):

@@ -19,7 +19,7 @@ from videollm.model.attention import PACKED_SDPA
 from videollm.model.builder import build_model_and_processor
 from videollm.model.checkpoint import is_adapter_checkpoint, load_model
 from videollm.model.presets import build_tiny_model_and_processor
-from videollm.model.trainable import apply_trainable_policy
+from videollm.model.trainable import apply_policy_to_adapter, apply_trainable_policy
 from videollm.train.config import DataArguments, ModelArguments
 from videollm.train.guards import NonFiniteTrainingError
 from videollm.train.hardware import Hardware, out_of_memory_advice, upcast_trainable_parameters
@@ -83,7 +83,9 @@ def load_or_build(
     # sdpa_packed is for packed LLM rows; the tower attends within one frame and runs plain sdpa.
     vision_attention = "sdpa" if text_attention == PACKED_SDPA else text_attention
     model.set_attn_implementation({"vision_config": vision_attention, "text_config": text_attention})
-    if not continue_adapter:
+    if continue_adapter:
+        model = apply_policy_to_adapter(model, model_args.policy())
+    else:
         model = apply_trainable_policy(model, model_args.policy())
     if model_args.model_dtype is None:
         upcast_trainable_parameters(model)
