@@ -37,6 +37,7 @@ from videollm.train.dpo import (
     preference_rows,
     train_dpo,
 )
+from videollm.train.hardware import upcast_trainable_parameters
 from videollm.train.losses import NO_PHRASE, gather_logprobs
 
 from commands import REPO, run, two_cpu_processes
@@ -550,6 +551,21 @@ def test_second_round_reference_is_the_first_rounds_merged_policy(base, processo
         assert torch.allclose(sequence_logps(final, batch), round_1_logps, atol=1e-5)
     first_step = json.loads((out / "round_2" / "trainer_state.json").read_text())["log_history"][0]
     assert first_step["rewards/chosen"] == 0.0 and first_step["rewards/rejected"] == 0.0  # fresh LoRA == reference
+
+
+def test_later_rounds_keep_the_first_rounds_dtypes_and_attention(checkpoint, processor, dataset, tmp_path):
+    # a merged checkpoint alone would load in its widest stored dtype (fp32) with the default attention
+    policy = TrainablePolicy(llm="lora", projector="frozen", lora_r=4, lora_dropout=0.0)
+    model, _ = load_model(checkpoint, dtype=torch.bfloat16)
+    model.set_attn_implementation({"vision_config": "eager", "text_config": "eager"})
+    model = apply_trainable_policy(model, policy)
+    upcast_trainable_parameters(model)
+    trainer = train_dpo(model, processor, [dataset, dataset], None, dpo_config(tmp_path, bf16=True), policy)
+    round_2 = trainer.model
+    assert {p.dtype for p in round_2.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in round_2.parameters() if p.requires_grad} == {torch.float32}
+    config = unwrap(round_2).config
+    assert (config.vision_config._attn_implementation, config.text_config._attn_implementation) == ("eager", "eager")
 
 
 # ---- the recipe ---------------------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from videollm.model.trainable import TrainablePolicy, apply_trainable_policy, un
 from videollm.train.checkpointing import CheckpointMixin
 from videollm.train.data_wait import DataWaitMixin
 from videollm.train.guards import DEFAULT_MAX_NONFINITE_STEPS, MAX_NONFINITE_STEPS_HELP, NonFiniteGuardMixin
-from videollm.train.hardware import DeviceDefaultsArguments
+from videollm.train.hardware import DeviceDefaultsArguments, upcast_trainable_parameters
 from videollm.train.losses import NO_PHRASE, gather_logprobs, phrase_rewards, rrpo_loss, sft_loss, token_kl
 from videollm.train.optim import PartLearningRateArguments, PartLearningRateMixin
 
@@ -504,6 +504,7 @@ def train_dpo(
     resume = args.resume_from_checkpoint
     trainer = None
     collators: dict[int, PreferenceCollator | BadSampleCollator] = {}
+    setup = _RoundSetup.of(model)
     for index, train_set in enumerate(train_sets, start=1):
         last = index == len(train_sets)
         round_args = args
@@ -512,7 +513,7 @@ def train_dpo(
         merged_dir = Path(round_args.output_dir) / "merged"
         if not last and (merged_dir / "config.json").is_file():
             logger.info("round %d already finished (%s); skipped", index, merged_dir)
-            model = _fresh_lora(merged_dir, policy)
+            model = _fresh_lora(merged_dir, policy, setup)
             continue
         load_video = processor.load_video
         if feature_cache_dir is not None:
@@ -550,11 +551,35 @@ def train_dpo(
         trainer.accelerator.wait_for_everyone()
         del trainer, model
         gc.collect()
-        model = _fresh_lora(merged_dir, policy)
+        model = _fresh_lora(merged_dir, policy, setup)
     return trainer
 
 
-def _fresh_lora(merged_dir: Path, policy: TrainablePolicy) -> nn.Module:
-    """The merged model of the last round under a new LoRA; its path is recorded as the adapter's base."""
-    base = VideoLLMForConditionalGeneration.from_pretrained(str(merged_dir.resolve()))
-    return apply_trainable_policy(base, policy)
+@dataclass(frozen=True)
+class _RoundSetup:
+    """How the first round's model was stored and attends, for the models of later rounds: a merged checkpoint loads in
+    its widest stored dtype and the default attention, so a bf16 run on a GPU would otherwise hold its frozen weights
+    in fp32 (twice the memory) and leave flash-attention from round 2 on."""
+
+    frozen_dtype: torch.dtype
+    trained_dtype: torch.dtype
+    attention: dict[str, str]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _RoundSetup:
+        frozen = [p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+        trained = [p.dtype for p in model.parameters() if p.requires_grad]
+        config = unwrap(model).config
+        attention = {name: getattr(config, name)._attn_implementation for name in ("vision_config", "text_config")}
+        return cls(frozen[0] if frozen else torch.float32, trained[0] if trained else torch.float32, attention)
+
+
+def _fresh_lora(merged_dir: Path, policy: TrainablePolicy, setup: _RoundSetup) -> nn.Module:
+    """The merged model of the last round under a new LoRA, stored and attending as the first round's model; its path
+    is recorded as the adapter's base."""
+    base = VideoLLMForConditionalGeneration.from_pretrained(str(merged_dir.resolve()), dtype=setup.frozen_dtype)
+    base.set_attn_implementation(setup.attention)
+    model = apply_trainable_policy(base, policy)
+    if setup.trained_dtype == torch.float32:
+        upcast_trainable_parameters(model)
+    return model
