@@ -34,6 +34,7 @@ from videollm.data.formats import DataValidationError, load_labelled, write_json
 from videollm.infer.generate import GenerationSettings
 from videollm.infer.placement import PlacementArguments, load_for_inference
 from videollm.infer.processes import Processes
+from videollm.selftrain.preferences import PERTURBATIONS
 from videollm.selftrain.runs import RunDirectory, RunSettingsMismatch, SampleLog
 from videollm.selftrain import (
     PairFilter,
@@ -75,11 +76,18 @@ class BuildArguments:
         self.perturbation_list()
 
     def perturbation_list(self) -> list[tuple[str, int]]:
+        """`perturbations` as (kind, magnitude) pairs; ValueError, before any model is loaded, for one that
+        `perturb_video` would refuse only once the build is under way."""
         parsed = []
         for item in self.perturbations:
             kind, _, magnitude = item.partition(":")
             if not magnitude.isdigit():
                 raise ValueError(f"perturbations: {item!r} is not kind:magnitude (e.g. reverse:8)")
+            if kind not in PERTURBATIONS:
+                raise ValueError(f"perturbations: {item!r}: the kind must be one of {' | '.join(PERTURBATIONS)}")
+            least = 1 if kind == "drop" else 2  # reordering one frame changes nothing
+            if int(magnitude) < least:
+                raise ValueError(f"perturbations: {item!r}: {kind} needs a magnitude of at least {least} frames")
             parsed.append((kind, int(magnitude)))
         return parsed
 

@@ -229,6 +229,22 @@ def test_curriculum_orders_stages_from_coarse_to_fine(tmp_path):
     assert args.rounds == 3  # one DPO round per stage
 
 
+@pytest.mark.parametrize(
+    ("perturbation", "message"),
+    [("shufle:8", "the kind must be one of shuffle | reverse | drop"), ("reverse:1", "at least 2 frames"),
+     ("drop:0", "at least 1 frames")],
+)  # fmt: skip
+def test_make_preferences_refuses_a_bad_perturbation_before_loading_a_model(perturbation, message, tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "data_tools"))
+    from make_preferences import main
+
+    argv = ["--model", str(tmp_path / "no_model"), "--input", str(tmp_path / "no_input.jsonl"),
+            "--output", str(tmp_path / "prefs.jsonl"), "--perturbations", "reverse:4", perturbation]  # fmt: skip
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "prefs.jsonl.progress").exists()
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict:
     """`data_tools/make_preferences.py` run once, in this process, on 4 direction questions (one of them with a

@@ -161,6 +161,39 @@ def test_request_errors_are_openai_error_objects(client):
         )
 
 
+def test_a_seeded_sampled_request_gives_the_same_answer_again(client, engine, media_root):
+    def ask(seed: int, **kwargs) -> list[str]:
+        completion = client.chat.completions.create(
+            model=MODEL, messages=video_message(CLIP), max_tokens=6, temperature=1.0, n=2, seed=seed, **kwargs
+        )
+        return [choice.message.content for choice in completion.choices]
+
+    first = ask(7)
+    torch.rand(5)  # whatever the global generator went through in between
+    assert ask(7) == first
+    video = engine.load_video(media_root / CLIP)
+    settings = GenerationSettings(max_new_tokens=6, do_sample=True, temperature=1.0, num_return_sequences=2)
+    messages = [{"role": "user", "content": f"<video>\n{QUESTION}"}]
+    assert engine.generate([messages], [[video]], settings, seed=7)[0] == first
+
+    def streamed(seed: int) -> str:
+        stream = client.chat.completions.create(
+            model=MODEL, messages=video_message(CLIP), max_tokens=6, temperature=1.0, seed=seed, stream=True
+        )
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    assert streamed(3) == streamed(3)
+
+
+def test_a_body_that_is_not_utf8_gets_a_400_not_a_500(base_url):
+    body = '{"messages": [{"role": "user", "content": "caf\u00e9"}]}'.encode("latin-1")
+    response = httpx.post(
+        f"{base_url}/chat/completions", content=body, headers={"content-type": "application/json"}, timeout=60
+    )
+    assert response.status_code == 400
+    assert "not UTF-8 encoded JSON" in response.json()["error"]["message"]
+
+
 def test_twenty_concurrent_requests_are_all_answered(client, base_url):
     def ask(i: int) -> str:
         own = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)

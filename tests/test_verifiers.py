@@ -107,6 +107,17 @@ def test_class_synonyms_count_as_the_label_and_as_other_classes():
         ("not right", "B", False),
         ("E", "B", False),  # no such option
         ("A circle", "A", False),  # "A" starting a sentence is not a letter
+        # letters as models write them: markdown, "is:", "option is", a reason after the letter
+        ("**B**", "B", True),
+        ("The answer is: B", "B", True),
+        ("The correct option is B.", "B", True),
+        ("The answer is B because the man walks right.", "B", True),
+        # ... where the stated letter is wrong, a text naming the right option does not rescue it
+        ("The answer is C because the man walks right.", "B", False),
+        ("The correct option is C, since he walks right.", "B", False),
+        ("The answer is: C. He walks right", "B", False),
+        ("**C**. He walks right.", "B", False),
+        ("The best option is a left turn", "A", True),  # "is a" is an article, not option A
     ],
 )
 def test_choice_letter_or_option_text(answer, label, expected):

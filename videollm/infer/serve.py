@@ -10,6 +10,7 @@ A user message's content may be a string or a list of parts:
     {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,..."}}
     {"type": "video", "video": "clips/a.mp4"}                           # the Qwen-VL / ms-swift spelling
 
+A request's `seed` makes its sampled answers repeatable (OpenAI's `seed` field).
 Frames are sampled with the checkpoint's saved spec. Requests are validated before any generation: a path outside
 the media root (403), a missing file (404), a body over --max_upload_mb (413) and an undecodable video (400) get an
 OpenAI-style error object (`{"error": {"message", "type", "param", "code"}}`) and the server goes on serving.
@@ -71,6 +72,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=16)
+    seed: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
 
@@ -212,6 +214,8 @@ def create_app(
             req = ChatCompletionRequest.model_validate(json.loads(body))
         except json.JSONDecodeError as error:
             raise APIError(400, f"the request body is not valid JSON: {error}") from None
+        except UnicodeDecodeError as error:  # json.loads guesses UTF-8/16/32 from the bytes; other encodings fail here
+            raise APIError(400, f"the request body is not UTF-8 encoded JSON: {error.reason}") from None
         except ValidationError as error:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors(include_url=False))
             raise APIError(400, problems) from None
@@ -227,9 +231,9 @@ def create_app(
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return await _stream(conversation, videos, settings, completion_id, include_usage)
+            return await _stream(conversation, videos, settings, completion_id, include_usage, req.seed)
         try:
-            answers = await run_in_threadpool(engine.generate, [conversation], [videos], settings)
+            answers = await run_in_threadpool(engine.generate, [conversation], [videos], settings, req.seed)
         except ValueError as error:  # e.g. SampleTooLongError: the prompt does not fit
             raise APIError(400, str(error)) from None
         tokenizer = engine.processor.tokenizer
@@ -249,8 +253,8 @@ def create_app(
             "choices": choices,
         }
 
-    async def _stream(conversation, videos, settings, completion_id, include_usage) -> StreamingResponse:
-        answer = engine.stream(conversation, videos, settings)
+    async def _stream(conversation, videos, settings, completion_id, include_usage, seed) -> StreamingResponse:
+        answer = engine.stream(conversation, videos, settings, seed)
         pieces = iter(answer)
         try:
             # The first piece (or the end) comes once the prompt is encoded and generation runs, so a prompt that

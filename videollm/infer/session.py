@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -48,16 +49,37 @@ class InferenceEngine:
         conversations: Sequence[Sequence[dict]],
         videos: Sequence[Sequence[DecodedVideo]],
         settings: GenerationSettings,
+        seed: int | None = None,
     ) -> list[list[str]]:
-        """Whole answers through `generate_answers`, `settings.num_return_sequences` per conversation."""
-        with self.lock:
+        """Whole answers through `generate_answers`, `settings.num_return_sequences` per conversation; with `seed`,
+        sampled answers are drawn from that seed (the same seed, the same answers)."""
+        with self.lock, seeded(seed, next(self.model.parameters()).device):
             return generate_answers(self.model, self.processor, conversations, videos, settings)
 
     def stream(
-        self, messages: Sequence[dict], videos: Sequence[DecodedVideo], settings: GenerationSettings
+        self,
+        messages: Sequence[dict],
+        videos: Sequence[DecodedVideo],
+        settings: GenerationSettings,
+        seed: int | None = None,
     ) -> StreamedAnswer:
-        """Start answering one conversation; iterate the result for text as it is generated."""
-        return StreamedAnswer(self, messages, videos, settings)
+        """Start answering one conversation; iterate the result for text as it is generated. `seed` as in `generate`."""
+        return StreamedAnswer(self, messages, videos, settings, seed)
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Inside the block torch's generators (CPU and `device`'s) start from `seed`, and are restored after it, so one
+    request's seed does not fix the draws of the next; `None` leaves them as they are."""
+    if seed is None:
+        yield
+        return
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 class _TokenStreamer(TextIteratorStreamer):
@@ -107,6 +129,7 @@ class StreamedAnswer:
         messages: Sequence[dict],
         videos: Sequence[DecodedVideo],
         settings: GenerationSettings,
+        seed: int | None = None,
     ):
         if settings.num_return_sequences != 1:
             raise ValueError(
@@ -120,17 +143,18 @@ class StreamedAnswer:
         self._streamer = _TokenStreamer(engine.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         self._cancel = threading.Event()
         self._error: BaseException | None = None
+        self._seed = seed
         self._thread = threading.Thread(target=self._run, args=(list(messages), list(videos), settings), daemon=True)
         self._thread.start()
 
     def _run(self, messages: list[dict], videos: list[DecodedVideo], settings: GenerationSettings) -> None:
         engine, processor = self._engine, self._engine.processor
         try:
-            with engine.lock, torch.no_grad():
+            device = next(engine.model.parameters()).device
+            with engine.lock, torch.no_grad(), seeded(self._seed, device):
                 if self._cancel.is_set():
                     raise _Stop
                 batch = processor([messages], [videos], add_generation_prompt=True)
-                device = next(engine.model.parameters()).device
                 batch = {k: v.to(device) for k, v in batch.items()}
                 self.prompt_tokens = batch["input_ids"].shape[1]
                 output = engine.model.generate(

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +33,10 @@ from videollm.data.video import DecodedVideo, decode_each
 from videollm.infer.processes import Processes, cut_into_batches, stable_seed
 from videollm.selftrain.runs import RunSettingsMismatch, SampleLog
 from videollm.selftrain.verifiers import RecordVerifiers, Verifier, get_verifier, normalize_answer
+
+if TYPE_CHECKING:
+    from videollm.data.processor import VideoLLMProcessor
+    from videollm.infer.generate import GenerationSettings
 
 PERTURBATIONS = ("shuffle", "reverse", "drop")
 
@@ -336,7 +340,9 @@ def exclusive_class_verifiers(prompts: Sequence[Prompt], key: str = "type") -> C
     return RecordVerifiers(prompts, group_key=key)
 
 
-def model_answerer(model: torch.nn.Module, processor, settings=None) -> Answerer:
+def model_answerer(
+    model: torch.nn.Module, processor: VideoLLMProcessor, settings: GenerationSettings | None = None
+) -> Answerer:
     """An `Answerer` that generates with a videollm model (greedy unless `settings` sample)."""
     from videollm.infer.generate import generate_answers
 

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 
-
 @dataclass(frozen=True)
 class Verdict:
     """The outcome of one check: `correct` (also the truth value), a `score` in [0, 1], and why it failed."""
@@ -59,6 +58,7 @@ RIGHT = Verdict(True, 1.0)
 
 
 def wrong(reason: str, score: float = 0.0) -> Verdict:
+    """A failed `Verdict` that says why (and keeps a partial score, e.g. an IoU under the threshold)."""
     return Verdict(False, score, reason)
 
 
@@ -160,10 +160,13 @@ class ClassVerifier:
 
 _LETTERS = "ABCDEFGHIJ"
 # "B", "B.", "b)", "B:", "(b)" at the start; "B right" too, but not "A ..." or "I ...", which start English sentences.
-_LEADING_LETTER = re.compile(r"^\s*(?:\(([A-Ja-j])\)|([A-Ja-j])(?:[.):]|\s*$)|([B-HJ])(?=\s))")
+# Markdown emphasis around the letter ("**B**", "**B.** right") is read through.
+_LEADING_LETTER = re.compile(r"^[\s*_]*(?:\(([A-Ja-j])\)|([A-Ja-j])[*_]*(?:[.):]|\s*$)|([B-HJ])[*_]*(?=\s))")
 _STATED_LETTER = re.compile(
     r"\b(?i:option|choice)\s*\(?([A-Ja-j])\)?(?!\w)"  # "option b"
-    r"|\b(?i:answer)\s*(?:(?i:is)|:)?\s*(?:\(([A-Ja-j])\)|([A-J])(?=\s*$|[.),;]))"  # "answer: (c)", "the answer is B."
+    # "answer: (c)", "the answer is B.", "the answer is: B", "the correct option is C because ...", "answer is **D**"
+    r"|\b(?i:answer|option|choice)\s*(?:(?i:is)\s*:?|:)?\s*[*_]*"
+    r"(?:\(([A-Ja-j])\)|([A-J])(?=[*_]*(?:\s*$|[.),;:]))|([B-HJ])(?=[*_]*\s))"
 )
 
 
@@ -409,14 +412,17 @@ VERIFIERS: dict[str, Verifier] = {name: cls() for name, cls in VERIFIER_TYPES.it
 
 
 def time_range_verifier(answer: str, label: Sequence[float], threshold: float = 0.5) -> Verdict:
+    """`TimeSpanVerifier(threshold)(answer, label)`, as a function."""
     return TimeSpanVerifier(threshold)(answer, label)
 
 
 def box_verifier(answer: str, label: Sequence[float], threshold: float = 0.5) -> Verdict:
+    """`BoxVerifier(threshold)(answer, label)`, as a function."""
     return BoxVerifier(threshold)(answer, label)
 
 
 def number_verifier(answer: str, label: float, tolerance: float = 0.1) -> Verdict:
+    """`NumberVerifier(tolerance)(answer, label)`, as a function."""
     return NumberVerifier(tolerance)(answer, label)
 
 
@@ -533,4 +539,5 @@ class RecordVerifiers:
         return self._cache[key]
 
     def check(self, record: Any, answer: str) -> Verdict:
+        """`answer` checked against `record.label` with the record's verifier."""
         return self(record)(answer, record.label)
