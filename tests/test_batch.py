@@ -128,6 +128,16 @@ def test_undecodable_videos_get_an_error_line_and_are_retried_on_request(engine,
     assert len(read_lines(output)) == 9
 
 
+def test_a_prompt_over_max_length_gets_an_error_line_and_its_batch_is_answered(engine, records, tmp_path, monkeypatch):
+    records[1].messages[0].content += " Think it through." * 100
+    monkeypatch.setattr(engine.processor, "max_length", 120)  # the synthetic questions fit, the 300-word one does not
+    sizes = count_generated(engine, monkeypatch)
+    generate_dataset_answers(engine, records, tmp_path / "answers.jsonl", SETTINGS, batch_size=3)
+    rows = {r["id"]: r for r in read_lines(tmp_path / "answers.jsonl")}
+    assert rows[records[1].id]["answer"] is None and "max_length=120" in rows[records[1].id]["error"]
+    assert all(row["error"] is None for id_, row in rows.items() if id_ != records[1].id) and sizes == [2, 3, 3]
+
+
 def test_duplicate_ids_are_refused(engine, records, tmp_path):
     records[1].id = records[0].id
     with pytest.raises(ValueError, match="unique"):

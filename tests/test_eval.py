@@ -11,6 +11,7 @@ import videollm  # noqa: F401  (registers the Auto classes)
 from videollm.data.sampling import SamplingSpec
 from videollm.data.synthetic import SyntheticConfig, generate_dataset
 from videollm.data.formats import ConversationRecord, LabelledRecord, Message
+from videollm.data.processor import VideoLLMProcessor
 from videollm.data.video import DecodedVideo, VideoDecodeError
 from videollm.infer.generate import GenerationSettings
 from videollm.infer.processes import Processes
@@ -71,16 +72,22 @@ def still_video(path: str) -> DecodedVideo:
     return DecodedVideo(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), [0, 1], [0.0, 1.0], 2.0, path)
 
 
-def test_a_wrong_answer_keeps_its_partial_score_and_reason_and_an_unreadable_video_its_error(monkeypatch):
+def when_questions(count: int, long_question: int | None = None) -> list[Question]:
+    """Time-range questions on clip<i>.mp4; question `long_question` runs on for 300 words."""
+    questions = []
+    for i in range(count):
+        text = "When?" + " Think about it." * (100 if i == long_question else 0)
+        record = LabelledRecord(f"q{i}", text, [1.5, 3.0], "time_range", [f"clip{i}.mp4"], "l:1", {"type": "when"})
+        messages = [{"role": "user", "content": f"<video>\n{text}"}]
+        questions.append(Question(f"q{i}", messages, [f"clip{i}.mp4"], record, {"label": [1.5, 3.0]}))
+    return questions
+
+
+def test_a_wrong_answer_keeps_its_partial_score_and_reason_and_an_unreadable_video_its_error(monkeypatch, checkpoint):
     """The prediction rows of the evaluator and of self-training's evaluations (one loop, `score_answers`)."""
     import videollm.eval.scoring as scoring
 
-    questions = [
-        Question(f"q{i}", [{"role": "user", "content": "<video>\nWhen?"}], [f"clip{i}.mp4"],
-                 LabelledRecord(f"q{i}", "When?", [1.5, 3.0], "time_range", [f"clip{i}.mp4"], "l:1", {"type": "when"}),
-                 {"label": [1.5, 3.0]})
-        for i in range(3)
-    ]  # fmt: skip
+    questions = when_questions(3)
 
     def load(path: str) -> DecodedVideo:
         if path == "clip1.mp4":
@@ -89,16 +96,38 @@ def test_a_wrong_answer_keeps_its_partial_score_and_reason_and_an_unreadable_vid
 
     answers = iter([["from 0 to 2 s"], ["from 1.5 to 3 s"]])
     monkeypatch.setattr(scoring, "generate_answers", lambda model, processor, prompts, *_: [next(answers) for _ in prompts])
-    summary, rows = score_answers(lambda: None, None, questions, RecordVerifiers([q.target for q in questions]),
+    processor = VideoLLMProcessor.from_pretrained(checkpoint)
+    summary, rows = score_answers(lambda: None, processor, questions, RecordVerifiers([q.target for q in questions]),
                                   GenerationSettings(), load_video=load)  # fmt: skip
-    wrong, unreadable, right = sorted(rows, key=lambda row: row["id"])
+    assert [row["id"] for row in rows] == ["q0", "q1", "q2"]  # question order, the unreadable one in its place
+    wrong, unreadable, right = rows
     assert (wrong["correct"], round(wrong["score"], 4), wrong["reason"]) == (False, 0.1667, "IoU 0.17 <= 0.5")
     assert (right["correct"], right["score"], right["label"]) == (True, 1.0, [1.5, 3.0])
     assert unreadable["prediction"] is None and "truncated" in unreadable["error"] and unreadable["reason"] is None
     assert summary["by_type"] == {"when": {"accuracy": 1 / 3, "correct": 1, "total": 3}} and summary["num_errors"] == 1
 
 
-def test_a_process_without_a_batch_loads_no_model(monkeypatch):
+def test_a_prompt_over_max_length_gets_an_error_row_and_the_others_are_answered(monkeypatch, checkpoint):
+    import videollm.eval.scoring as scoring
+
+    questions = when_questions(3, long_question=1)
+    answered = []
+
+    def generate(model, processor, prompts, *_):
+        answered.extend(prompt[0]["content"] for prompt in prompts)
+        return [["from 1.5 to 3 s"] for _ in prompts]
+
+    monkeypatch.setattr(scoring, "generate_answers", generate)
+    processor = VideoLLMProcessor.from_pretrained(checkpoint)
+    processor.max_length = 100  # the short questions' prompts fit, the 300-word one does not
+    summary, rows = score_answers(lambda: None, processor, questions, RecordVerifiers([q.target for q in questions]),
+                                  GenerationSettings(), load_video=still_video)  # fmt: skip
+    assert [row["id"] for row in rows] == ["q0", "q1", "q2"] and answered == ["<video>\nWhen?"] * 2
+    assert rows[1]["prediction"] is None and "max_length=100" in rows[1]["error"] and not rows[1]["correct"]
+    assert [row["correct"] for row in rows[0::2]] == [True, True] and summary["num_errors"] == 1
+
+
+def test_a_process_without_a_batch_loads_no_model(monkeypatch, checkpoint):
     """The second of 2 processes, with one batch to share: the first answers it, the second loads nothing (gathering
     outside a distributed launch returns this process's own rows)."""
     import videollm.eval.scoring as scoring
@@ -111,9 +140,10 @@ def test_a_process_without_a_batch_loads_no_model(monkeypatch):
     def load_model() -> None:
         loads.append("model")
 
+    processor = VideoLLMProcessor.from_pretrained(checkpoint)
     for index, expected in [(1, []), (0, ["model"])]:
         loads.clear()
-        _, rows = score_answers(load_model, None, [question], RecordVerifiers([question.target]), GenerationSettings(),
+        _, rows = score_answers(load_model, processor, [question], RecordVerifiers([question.target]), GenerationSettings(),
                                 load_video=still_video, processes=Processes(index, 2))  # fmt: skip
         assert loads == expected and len(rows) == 1 - index
 

@@ -281,6 +281,8 @@ def test_batches_keep_their_seeds_when_the_subset_to_answer_changes(tmp_path, mo
     from videollm.selftrain.verifiers import RecordVerifiers
 
     class Frames:
+        max_length = None
+
         def load_video(self, path):
             return DecodedVideo(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), [0], [0.0], 1.0, path)
 
@@ -303,6 +305,31 @@ def test_batches_keep_their_seeds_when_the_subset_to_answer_changes(tmp_path, mo
     assert [subset[p] for p in ("q0", "q1", "q4", "q5")] == [everything[p] for p in ("q0", "q1", "q4", "q5")]
     assert fewer == {p: subset[p] for p in ("q0", "q1", "q4", "q5")}
     assert subset["q3"] != everything["q3"]  # its batch lost q2, so its draws moved
+
+
+def test_a_prompt_too_long_to_answer_gets_an_error_row_and_its_batch_is_answered(seed_model, tmp_path, monkeypatch):
+    from videollm.infer.generate import GenerationSettings
+    from videollm.selftrain.runs import Sampler
+
+    _, processor = load_model(seed_model)
+    processor.max_length = 100  # "Which way?" fits, the 300-word rationalisation prompt does not
+    sent = []
+
+    def answer(model, processor, conversations, videos, settings):
+        sent.extend(conversation[0]["content"] for conversation in conversations)
+        return [["left"] for _ in conversations]
+
+    monkeypatch.setattr(runs, "generate_answers", answer)
+    records = [labelled(i) for i in range(3)]
+    prompts = [Prompt(r, "Which way?" + " Think it through." * (100 if r.id == "q1" else 0)) for r in records]
+    still = lambda path: DecodedVideo(torch.zeros(FRAMES, 3, 32, 32, dtype=torch.uint8), list(range(FRAMES)),  # noqa: E731
+                                      [0.0] * FRAMES, 1.0, path)  # fmt: skip
+    sampler = Sampler(processor, RecordVerifiers(records), GenerationSettings(), batch_size=3, load_video=still)
+    rows = sampler.run(lambda: None, prompts, "answer", 1, SampleLog(tmp_path / "samples.jsonl"))
+    assert sent == ["<video>\nWhich way?"] * 2
+    (too_long,) = rows["q1"]
+    assert too_long["answer"] is None and too_long["reason"] == "prompt too long" and "max_length=100" in too_long["error"]
+    assert [row["answer"] for row in rows["q0"] + rows["q2"]] == ["left", "left"]
 
 
 def test_stopping_when_accuracy_stops_rising():
@@ -401,6 +428,23 @@ def test_model_judge_scores_k_answers_with_one_vision_encode(seed_model):
     scores = judge(model, Prompt(labelled(0), "Which way?"), [video], ["left", "it goes right", "up"])
     assert len(scores) == 3 and all(0.0 < s < 1.0 for s in scores) and len(set(scores)) == 3
     assert frames_per_call == [FRAMES]
+
+
+def test_model_judge_gives_no_score_to_an_answer_too_long_to_judge_and_pairs_skip_it(seed_model):
+    model, processor = load_model(seed_model)
+    video = DecodedVideo(torch.zeros(FRAMES, 3, 32, 32, dtype=torch.uint8), list(range(FRAMES)), [0.0] * FRAMES, 1.0, "v")
+    template = SelfPreferenceArguments().judge_template
+    judge, prompt = ModelJudge(template, processor), Prompt(labelled(0), "Which way?")
+    fitting = judge(model, prompt, [video], ["left", "up"])
+    judged = [{"role": "user", "content": "<video>\n" + runs.fill(template, prompt.record, answer="left")}]
+    processor.max_length = len(processor.encode(judged, [video], add_generation_prompt=True).input_ids) + 8
+    answers = ["left", "it goes " + "very " * 200 + "far right", "up"]
+    scores = judge(model, prompt, [video], answers)
+    assert scores[1] is None and scores[0::2] == pytest.approx(fitting, abs=1e-6)
+    rows = [{"answer": a, "score": 0.0, "verdict": False, "judge_score": s} for a, s in zip(answers, scores)]
+    pairs, dropped = best_worst_pairs([prompt], {prompt.id: rows}, "judge_score", 0.0, False, None, 1)
+    assert dropped == {"unscored_answers": 1}
+    assert {pairs[0]["chosen"], pairs[0]["rejected"]} == {"left", "up"}
 
 
 @pytest.mark.parametrize("level", ["tower", "projector"])

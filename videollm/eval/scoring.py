@@ -2,8 +2,9 @@
 (`python -m videollm.eval`) and of self-training's per-cycle evaluations.
 
 Each question is answered greedily (unless the settings sample) and checked by the run's `RecordVerifiers`, the same
-verifiers STaR filtering and DPO pair mining use, so "correct" means one thing everywhere. A video that does not decode
-gives an error row instead of ending the evaluation. The summary counts accuracy overall and by question type.
+verifiers STaR filtering and DPO pair mining use, so "correct" means one thing everywhere. A video that does not decode,
+or a prompt over the processor's `max_length`, gives an error row instead of ending the evaluation. The summary counts
+accuracy overall and by question type.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from videollm.data.video import DecodedVideo, decode_each
-from videollm.infer.generate import GenerationSettings, generate_answers
+from videollm.infer.generate import GenerationSettings, generate_answers, set_apart_too_long
 from videollm.infer.processes import Processes, cut_into_batches, stable_seed
 
 if TYPE_CHECKING:
@@ -81,7 +82,8 @@ def score_answers(
 
     def answer(batch: Sequence[Question]) -> list[dict]:
         readable, unreadable = decode_each(batch, lambda question: question.videos, load_video)
-        rows = [_row(question, error=str(error)) for question, error in unreadable]
+        readable, too_long = set_apart_too_long(processor, readable, lambda question: question.messages)
+        rows = {id(question): _row(question, error=str(error)) for question, error in [*unreadable, *too_long]}
         if shuffle_frames:  # one generator per question, seeded by its id, drawn in turn by its videos
             rngs = [random.Random(stable_seed(seed, question.id)) for question, _ in readable]
             readable = [(question, [shuffled(v, rng) for v in videos]) for (question, videos), rng in zip(readable, rngs)]
@@ -89,8 +91,8 @@ def score_answers(
             messages, videos = [q.messages for q, _ in readable], [vs for _, vs in readable]
             answers = generate_answers(model(), processor, messages, videos, settings)
             for (question, decoded), (text, *_) in zip(readable, answers):
-                rows.append(_row(question, text, verifiers.check(question.target, text), decoded))
-        return rows
+                rows[id(question)] = _row(question, text, verifiers.check(question.target, text), decoded)
+        return [rows[id(question)] for question in batch]  # question order, error rows in their place
 
     batches = cut_into_batches(questions, batch_size)
     predictions = []

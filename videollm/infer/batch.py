@@ -7,8 +7,8 @@ The prompt of a record is every turn before its last assistant turn (that turn i
 whole conversation when it ends with a user turn. Each output line is
 `{"id", "answer" | "answers", "reference", "frame_indices", "error"}`. Lines are appended and flushed batch by
 batch, so after a crash or a kill, rerunning the same command generates only the ids that have no line yet (a
-half-written last line is dropped). A record whose video cannot be decoded gets a line with `error` set; pass
-`--retry_errors` to try those again.
+half-written last line is dropped). A record whose video cannot be decoded, or whose prompt is over the model's
+`max_length`, gets a line with `error` set; pass `--retry_errors` to try those again.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from transformers import HfArgumentParser
 from videollm.data.dataset import record_messages
 from videollm.data.formats import ConversationRecord, DataValidationError, iter_jsonl, load_conversations
 from videollm.data.video import DecodedVideo, decode_each
-from videollm.infer.generate import GenerationSettings
+from videollm.infer.generate import GenerationSettings, set_apart_too_long
 from videollm.infer.placement import PlacementArguments
 from videollm.infer.processes import Processes, cut_into_batches
 from videollm.infer.session import InferenceEngine
@@ -119,14 +119,16 @@ def generate_dataset_answers(
 
 
 def _answer_batch(engine: InferenceEngine, batch: list[ConversationRecord], settings: GenerationSettings) -> list[dict]:
-    """The answer lines of one batch, in record order but with unreadable videos' lines first."""
+    """The answer lines of one batch, in record order but with the error lines (unreadable video, prompt too long)
+    first."""
 
     def row(record: ConversationRecord, decoded: Sequence[DecodedVideo] = (), error: str | None = None) -> dict:
         return {"id": record.id, "reference": split_prompt(record)[1], "frame_indices": [list(v.indices) for v in decoded],
                 "error": error}  # fmt: skip
 
     readable, unreadable = decode_each(batch, lambda record: record.videos, engine.load_video)
-    rows = [{**row(record, error=str(error)), "answer": None} for record, error in unreadable]
+    readable, too_long = set_apart_too_long(engine.processor, readable, lambda record: split_prompt(record)[0])
+    rows = [{**row(record, error=str(error)), "answer": None} for record, error in [*unreadable, *too_long]]
     if readable:
         prompts = [split_prompt(record)[0] for record, _ in readable]
         answers = engine.generate(prompts, [videos for _, videos in readable], settings)

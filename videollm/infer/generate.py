@@ -9,15 +9,18 @@ dimension, its row-by-row repeat puts each frame k times in a row (f0 f0 f0 f1 .
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
 
-from videollm.data.processor import VIDEO_TENSOR_KEYS, VideoLLMProcessor
+from videollm.data.processor import VIDEO_TENSOR_KEYS, SampleTooLongError, VideoLLMProcessor
 from videollm.data.video import DecodedVideo
 from videollm.model.modeling import KV_CACHE_FIELD
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -44,6 +47,27 @@ class GenerationSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def set_apart_too_long(
+    processor: VideoLLMProcessor,
+    decoded: Sequence[tuple[T, list[DecodedVideo]]],
+    messages_of: Callable[[T], Sequence[dict]],
+) -> tuple[list[tuple[T, list[DecodedVideo]]], list[tuple[T, SampleTooLongError]]]:
+    """`(item, videos)` whose prompt fits the processor's `max_length`, and `(item, error)` for the others, both in
+    order: a prompt to generate from is never cut, so an over-long question costs itself and not the batch it came
+    in (the prompts are tokenized once more for this, which is cheap next to generating)."""
+    if processor.max_length is None:
+        return list(decoded), []
+    fitting, too_long = [], []
+    for item, videos in decoded:
+        try:
+            processor.encode(messages_of(item), videos, add_generation_prompt=True, with_video_inputs=False)
+        except SampleTooLongError as error:
+            too_long.append((item, error))
+        else:
+            fitting.append((item, videos))
+    return fitting, too_long
 
 
 @torch.no_grad()

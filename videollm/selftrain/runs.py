@@ -50,7 +50,7 @@ from videollm.data.formats import PLACEHOLDER, LabelledRecord, load_labelled, re
 from videollm.data.processor import VideoLLMProcessor
 from videollm.data.video import DecodedVideo, decode_each
 from videollm.eval.scoring import Question, score_answers
-from videollm.infer.generate import GenerationSettings, generate_answers
+from videollm.infer.generate import GenerationSettings, generate_answers, set_apart_too_long
 from videollm.infer.placement import load_for_inference
 from videollm.infer.processes import Processes, cut_into_batches, stable_seed
 from videollm.model.checkpoint import save_checkpoint
@@ -238,7 +238,7 @@ class Sampler:
     step_name: str = "cycle"
     video_root: str | None = None
     # (model, prompt, decoded videos, answers) -> one score per answer, logged as `judge_score` (e.g. a model judge)
-    scorer: Callable[[torch.nn.Module, Prompt, list[DecodedVideo], list[str]], list[float]] | None = field(
+    scorer: Callable[[torch.nn.Module, Prompt, list[DecodedVideo], list[str]], list[float | None]] | None = field(
         default=None, repr=False
     )
     # reads one video for generation: the processor's decoder by default, `FeatureCache.get` in a run with a cache
@@ -290,7 +290,9 @@ class Sampler:
         readable, unreadable = decode_each(
             batch, lambda prompt: prompt.record.videos, self.load_video or self.processor.load_video
         )
-        failed = {prompt.id: str(error) for prompt, error in unreadable}
+        readable, too_long = set_apart_too_long(self.processor, readable, lambda prompt: prompt.messages)
+        failed = {prompt.id: (str(error), "video decode failed") for prompt, error in unreadable}
+        failed.update((prompt.id, (str(error), "prompt too long")) for prompt, error in too_long)
         torch.manual_seed(seed)
         answers = generate_answers(
             model, self.processor, [p.messages for p, _ in readable], [vs for _, vs in readable], self.settings
@@ -307,8 +309,9 @@ class Sampler:
                 "sampler": sampler, **fields,
             }  # fmt: skip
             if prompt.id in failed:
-                rows.append({**base, "sample_index": 0, "answer": None, "error": failed[prompt.id],
-                             "frame_indices": [], "verdict": False, "score": 0.0, "reason": "video decode failed"})  # fmt: skip
+                error, reason = failed[prompt.id]
+                rows.append({**base, "sample_index": 0, "answer": None, "error": error,
+                             "frame_indices": [], "verdict": False, "score": 0.0, "reason": reason})  # fmt: skip
                 continue
             videos, texts = answered[prompt.id]
             scores = self.scorer(model, prompt, videos, texts) if self.scorer else None
@@ -321,8 +324,6 @@ class Sampler:
                     row["judge_score"] = scores[j]
                 rows.append(row)
         return rows
-
-
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------------------
@@ -717,6 +718,7 @@ def unpartitioned_loads(training_args: TrainingArguments | None) -> Iterator[Non
 
 
 def record_verifiers(args: SelfTrainArguments, records: Sequence[LabelledRecord]) -> RecordVerifiers:
+    """The run's verifiers for `records` (training and evaluation together, so class groups span both)."""
     return RecordVerifiers(records, spec=args.verifier, synonyms=args.synonym_map(), group_key=args.class_group_key)
 
 

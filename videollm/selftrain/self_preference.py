@@ -38,7 +38,7 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from videollm.data.feature_cache import FeatureCache
 from videollm.data.formats import load_preferences
-from videollm.data.processor import VideoLLMProcessor
+from videollm.data.processor import SampleTooLongError, VideoLLMProcessor
 from videollm.data.robust import BadSampleCollator, BadSamplePolicy
 from videollm.data.video import DecodedVideo
 from videollm.infer.processes import Processes, stable_seed
@@ -141,17 +141,26 @@ class ModelJudge:
         self.no = sorted({tokenizer.encode(w, add_special_tokens=False)[0] for w in ("no", "No")})
 
     @torch.no_grad()
-    def __call__(self, policy: torch.nn.Module, prompt: Prompt, videos: list[DecodedVideo], answers: list[str]) -> list[float]:
+    def __call__(
+        self, policy: torch.nn.Module, prompt: Prompt, videos: list[DecodedVideo], answers: list[str]
+    ) -> list[float | None]:
+        """p(yes) per answer; None for an answer whose judge prompt exceeds the processor's `max_length` (a cut
+        prompt would lose the question the judge answers, so its score would mean nothing)."""
         model = self.model if self.model is not None else policy
         if self.model is not None:  # a separate judge samples frames with its own spec
             videos = [self.processor.load_video(path) for path in prompt.record.videos]
         processor = self.processor
-        questions = [
-            [{"role": "user", "content": "<video>\n" * len(videos) + fill(self.template, prompt.record, answer=a)}]
-            for a in answers
-        ]
-        encoded = [processor.encode(q, videos, add_generation_prompt=True, with_video_inputs=False) for q in questions]
-        batch = processor.collate([{"input_ids": e.input_ids} for e in encoded], padding_side="left")
+        encoded = {}
+        for index, answer in enumerate(answers):
+            content = "<video>\n" * len(videos) + fill(self.template, prompt.record, answer=answer)
+            question = [{"role": "user", "content": content}]
+            try:
+                encoded[index] = processor.encode(question, videos, add_generation_prompt=True, with_video_inputs=False)
+            except SampleTooLongError:
+                continue
+        if not encoded:
+            return [None] * len(answers)
+        batch = processor.collate([{"input_ids": e.input_ids} for e in encoded.values()], padding_side="left")
         device = next(model.parameters()).device
         input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
@@ -159,13 +168,14 @@ class ModelJudge:
         if videos:  # decoded, or read from the run's feature cache
             inputs = {key: value.to(device) for key, value in processor.video_inputs(videos).items()}
             features = unwrap(model).visual_tokens(inputs, [len(v.indices) for v in videos])
-            kwargs["video_embeds"] = features.repeat(len(answers), 1)
+            kwargs["video_embeds"] = features.repeat(len(encoded), 1)
         logits = model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1, **kwargs
         ).logits[:, -1].float()
         logprobs = logits.log_softmax(-1)
         yes, no = logprobs[:, self.yes].logsumexp(-1), logprobs[:, self.no].logsumexp(-1)
-        return torch.sigmoid(yes - no).tolist()
+        scores = dict(zip(encoded, torch.sigmoid(yes - no).tolist()))
+        return [scores.get(index) for index in range(len(answers))]
 
 
 def best_worst_pairs(
@@ -177,11 +187,17 @@ def best_worst_pairs(
     video_root: str | None,
     round_number: int,
 ) -> tuple[list[dict], Counter]:
-    """One pair per prompt: the highest-scored distinct answer chosen, the lowest rejected (ties: the earlier sample)."""
+    """One pair per prompt: the highest-scored distinct answer chosen, the lowest rejected (ties: the earlier sample).
+
+    An answer without a score (its judge prompt did not fit) takes no part; `dropped["unscored_answers"]` counts them.
+    """
     pairs, dropped = [], Counter()
     for prompt in prompts:
         candidates, seen = [], set()
         for row in samples[prompt.id]:
+            if row.get(score_key, 0.0) is None:
+                dropped["unscored_answers"] += 1
+                continue
             key = normalize_answer(row["answer"] or "")
             if key and key not in seen:
                 seen.add(key)
