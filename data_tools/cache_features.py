@@ -12,7 +12,7 @@ exactly as the recipe does, decodes every video the run will see (`train_file`, 
 for dpo; the labelled records after `types` and the limits for the self-training recipes) with the processor's
 sampling spec, and stores the tower outputs (frozen tower, trained projector) or the projector outputs (both
 frozen). Runs again resume: videos already cached are skipped. A video that cannot be decoded is recorded as
-unreadable, and training applies its `bad_sample_policy` to it.
+unreadable, and training applies its `bad_sample_policy` to it; a rerun tries it again.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from videollm.infer.generate import GenerationSettings
 from videollm.infer.processes import Processes
 from videollm.eval.__main__ import ScoringTarget
 from videollm.eval.__main__ import main as eval_main
-from videollm.eval.scoring import Question, score_answers
+from videollm.eval.scoring import Question, score_answers, summarize
 from videollm.selftrain.verifiers import RecordVerifiers
 from videollm.model.checkpoint import save_checkpoint
 from videollm.model.presets import build_tiny_model_and_processor
@@ -125,6 +125,15 @@ def test_a_prompt_over_max_length_gets_an_error_row_and_the_others_are_answered(
     assert [row["id"] for row in rows] == ["q0", "q1", "q2"] and answered == ["<video>\nWhen?"] * 2
     assert rows[1]["prediction"] is None and "max_length=100" in rows[1]["error"] and not rows[1]["correct"]
     assert [row["correct"] for row in rows[0::2]] == [True, True] and summary["num_errors"] == 1
+
+
+def test_a_summary_of_mixed_question_types_names_each_as_text():
+    rows = [{"type": t, "correct": c, "error": None} for t, c in [("when", True), (None, False), (3, True), (3, False)]]
+    assert summarize(rows)["by_type"] == {
+        "3": {"accuracy": 0.5, "correct": 1, "total": 2},
+        "all": {"accuracy": 0.0, "correct": 0, "total": 1},
+        "when": {"accuracy": 1.0, "correct": 1, "total": 1},
+    }
 
 
 def test_a_process_without_a_batch_loads_no_model(monkeypatch, checkpoint):

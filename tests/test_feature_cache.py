@@ -237,6 +237,29 @@ def test_unreadable_video_goes_to_the_bad_sample_policy(checkpoint, tmp_path):
         cache.get(tmp_path / "broken.mp4")
 
 
+def test_a_rerun_tries_an_unreadable_video_again(data, checkpoint, tmp_path, monkeypatch, capsys):
+    """A decode that failed once (a timeout on a busy machine) is not taken as the video's last word."""
+    from videollm.data.processor import VideoLLMProcessor
+
+    load_video = VideoLLMProcessor.load_video
+
+    def timing_out(processor, path):
+        if Path(path).name == "clip1.mp4":
+            raise VideoDecodeError(str(path), "timed out after 60 s")
+        return load_video(processor, path)
+
+    monkeypatch.setattr(VideoLLMProcessor, "load_video", timing_out)
+    assert cache_features(cli_args(data, checkpoint, tmp_path / "cache")) == 0
+    assert "1 unreadable" in capsys.readouterr().out
+    monkeypatch.setattr(VideoLLMProcessor, "load_video", load_video)
+    assert cache_features(cli_args(data, checkpoint, tmp_path / "cache")) == 0
+    assert "3 videos, 2 already cached" in capsys.readouterr().out
+    model, processor = load(checkpoint)
+    cache = FeatureCache.open(tmp_path / "cache", model, processor, video_root=data)
+    cache.check([data / "videos" / f"clip{i}.mp4" for i in range(3)])
+    assert cache.get(data / "videos" / "clip1.mp4").indices == processor.load_video(data / "videos" / "clip1.mp4").indices
+
+
 def test_sft_recipe_trains_from_the_cache_with_packing(data, checkpoint, tower_cache, tmp_path, monkeypatch, capsys):
     args = cli_args(data, checkpoint, tower_cache)[:-2]  # without the cache tool's own --cache_batch_videos
     args[args.index("--output_dir") + 1] = str(tmp_path / "out")

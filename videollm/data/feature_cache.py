@@ -240,9 +240,11 @@ class FeatureCacheWriter:
         self._next_shard = len(list(self.folder.glob("shard-*.safetensors")))
 
     def __contains__(self, path: str | os.PathLike[str]) -> bool:
+        """Whether the video's features are stored and its file is unchanged. A video recorded as unreadable is not:
+        a rerun tries it again, since a failure may have been passing (a decode timeout on a busy machine)."""
         key = video_key(path, self.video_root)
-        entry = self.index.get(key) or self._pending_entries.get(key)
-        return entry is not None and entry["file"] == _file_state(path)
+        entry = self._pending_entries.get(key) or self.index.get(key)
+        return entry is not None and "tensor" in entry and entry["file"] == _file_state(path)
 
     def add(self, path: str | os.PathLike[str], features: torch.Tensor, video: DecodedVideo) -> None:
         """Queue one video's features (flushed to a shard when the queue reaches `shard_bytes`)."""

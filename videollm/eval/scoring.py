@@ -117,10 +117,13 @@ def _row(
 
 
 def summarize(predictions: Sequence[dict]) -> dict:
-    """Accuracy overall and by question type, and how many questions could not be answered (unreadable video)."""
+    """Accuracy overall and by question type, and how many questions could not be answered (unreadable video, prompt
+    too long). Types are named as text (a record's `"type": null` counts as "all", a number as its digits), so a dataset
+    that mixes them is summarised, not stopped by sorting after every answer is in."""
     by_type: dict[str, list[bool]] = defaultdict(list)
     for prediction in predictions:
-        by_type[prediction["type"]].append(prediction["correct"])
+        kind = prediction["type"]
+        by_type["all" if kind is None else str(kind)].append(prediction["correct"])
     total = sum(p["correct"] for p in predictions)
     return {
         "accuracy": total / len(predictions) if predictions else 0.0,
