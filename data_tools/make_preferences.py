@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     answer = model_answerer(model, processor, settings)
     log = SampleLog(progress / "batches.jsonl", processes)
     common = dict(load_video=processor.load_video, seed=args.seed, video_root=args.video_root,
-                  batch_size=args.batch_size, processes=processes, log=log)  # fmt: skip
+                  batch_size=args.batch_size, processes=processes, log=log, processor=processor)  # fmt: skip
     if args.mode == "perturb":
         pair_filter = PairFilter(args.min_length_ratio, args.max_length_ratio)
         rows, report = temporal_pairs(prompts, answer, perturbations=args.perturbation_list(), pair_filter=pair_filter, **common)
@@ -139,8 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       max_pairs_per_prompt=args.max_pairs_per_prompt, **common)  # fmt: skip
     if not processes.is_main:
         return 0
-    for unreadable in report.unreadable:
-        print(f"warning: skipped {unreadable}", file=sys.stderr)
+    for skipped in [*report.unreadable, *report.too_long]:
+        print(f"warning: skipped {skipped}", file=sys.stderr)
     write_jsonl(args.output, rows)
     shutil.rmtree(progress)
     print(f"{args.output}: {report} from {len(prompts)} questions")

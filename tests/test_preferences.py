@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from videollm.data.formats import load_preferences
+from videollm.data.processor import VideoLLMProcessor
 from videollm.data.sampling import SamplingSpec
 from videollm.data.synthetic import SyntheticConfig, generate_dataset
 from videollm.data.video import DecodedVideo, VideoDecodeError
@@ -185,6 +186,18 @@ def test_a_question_whose_video_does_not_decode_is_dropped_and_named():
     assert [r["question_id"] for r in rows] == ["q0", "q2"]
     assert report.kept == 2 and report.dropped == {"unreadable_video": 1}
     assert len(report.unreadable) == 1 and report.unreadable[0].startswith("q1: ") and "clip1.mp4" in report.unreadable[0]
+
+
+def test_a_question_whose_prompt_is_over_max_length_is_dropped_and_named(checkpoint):
+    items = prompts(["right"] * 3)
+    items[1].messages[0]["content"] += " Think it through." * 100
+    processor = VideoLLMProcessor.from_pretrained(checkpoint)
+    processor.max_length = 150  # the short prompts fit, the 300-word one does not
+    rows, report = temporal_pairs(items, order_answerer, load_video=lambda path: ramp_video(path=path),
+                                  perturbations=[("reverse", 8)], batch_size=2, processor=processor)  # fmt: skip
+    assert [r["question_id"] for r in rows] == ["q0", "q2"]
+    assert report.kept == 2 and report.dropped == {"prompt_too_long": 1} and report.unreadable == []
+    assert len(report.too_long) == 1 and report.too_long[0].startswith("q1: ") and "max_length=150" in report.too_long[0]
 
 
 def test_each_batch_samples_from_its_own_seed():

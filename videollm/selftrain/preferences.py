@@ -30,6 +30,7 @@ import torch
 
 from videollm.data.formats import PLACEHOLDER, LabelledRecord, relative_video_path, write_jsonl
 from videollm.data.video import DecodedVideo, decode_each
+from videollm.infer.generate import set_apart_too_long
 from videollm.infer.processes import Processes, cut_into_batches, stable_seed
 from videollm.selftrain.runs import RunSettingsMismatch, SampleLog
 from videollm.selftrain.verifiers import RecordVerifiers, Verifier, get_verifier, normalize_answer
@@ -162,11 +163,13 @@ def preference_record(
 
 @dataclass
 class BuildReport:
-    """What a builder kept and dropped, by reason; `unreadable` names each question dropped for its video, and why."""
+    """What a builder kept and dropped, by reason; `unreadable` names each question dropped for its video, and why,
+    `too_long` each dropped because its prompt is over the processor's `max_length`."""
 
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     unreadable: list[str] = field(default_factory=list)
+    too_long: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items())) or "none"
@@ -188,14 +191,16 @@ def verified_pairs(
     batch_size: int = 8,
     processes: Processes = Processes(),
     log: SampleLog | None = None,
+    processor: VideoLLMProcessor | None = None,
 ) -> tuple[list[dict], BuildReport]:
     """Pairs from labelled prompts: `answer` samples k answers each; verified ones are chosen, failed ones rejected.
 
     `verifier_for` picks each prompt's verifier; by default the one of its `label_type`. A prompt with no verified or
     no failed answer gives no pair. Duplicate answers count once; pairs are drawn at random (seeded per prompt), at
     most `max_pairs_per_prompt` per prompt. Batch `b` is answered by process `b mod N` of `processes`, from its own
-    seed; a question whose video does not decode is dropped and named in the report. With a `log`, each batch's
-    outcome is written to it as it comes, and a rerun on the same log answers only the batches it lacks.
+    seed; a question whose video does not decode, or (given the answering model's `processor`) whose prompt is over
+    its `max_length`, is dropped and named in the report. With a `log`, each batch's outcome is written to it as it
+    comes, and a rerun on the same log answers only the batches it lacks.
     """
 
     def pairs_of(batch: Sequence[Prompt], videos: list[list[DecodedVideo]]) -> _BatchPairs:
@@ -215,7 +220,7 @@ def verified_pairs(
                 rows.append(preference_record(prompt, pair_id, chosen, rejected, video_root, label=prompt.label))
         return rows, dropped
 
-    return _build_pairs(prompts, load_video, pairs_of, seed, batch_size, processes, log)
+    return _build_pairs(prompts, load_video, pairs_of, seed, batch_size, processes, log, processor)
 
 
 def temporal_pairs(
@@ -229,14 +234,16 @@ def temporal_pairs(
     batch_size: int = 8,
     processes: Processes = Processes(),
     log: SampleLog | None = None,
+    processor: VideoLLMProcessor | None = None,
 ) -> tuple[list[dict], BuildReport]:
     """Pairs from the model's answers on clean (chosen) and perturbed (rejected) videos, one per (prompt, perturbation).
 
     `answer` should be greedy (or low temperature): then a different answer is caused by the perturbation. Each kept
     pair records `perturbation`, `magnitude` and the differing phrases (`chosen_phrases`, `rejected_phrases`).
     Batch `b` is answered by process `b mod N` of `processes`, from its own seed; a question whose video does not
-    decode is dropped and named in the report. With a `log`, each batch's outcome is written to it as it comes, and a
-    rerun on the same log answers only the batches it lacks.
+    decode, or (given the answering model's `processor`) whose prompt is over its `max_length`, is dropped and named in
+    the report. With a `log`, each batch's outcome is written to it as it comes, and a rerun on the same log answers
+    only the batches it lacks.
     """
     pair_filter = pair_filter or PairFilter()
 
@@ -264,7 +271,7 @@ def temporal_pairs(
                 )
         return rows, dropped
 
-    return _build_pairs(prompts, load_video, pairs_of, seed, batch_size, processes, log)
+    return _build_pairs(prompts, load_video, pairs_of, seed, batch_size, processes, log, processor)
 
 
 def _build_pairs(
@@ -275,10 +282,11 @@ def _build_pairs(
     batch_size: int,
     processes: Processes,
     log: SampleLog | None,
+    processor: VideoLLMProcessor | None,
 ) -> tuple[list[dict], BuildReport]:
     """What the builders share: prompts cut into batches, batch `b` answered by process `b mod N` after seeding torch
-    with its own seed (so sampled answers are those one process draws), questions whose video does not decode dropped
-    and named instead of ending the run, and, with a `log`, each batch's outcome written as it comes, so that a rerun
+    with its own seed (so sampled answers are those one process draws), questions whose video does not decode or whose
+    prompt is too long (with a `processor`) dropped and named instead of ending the run, and, with a `log`, each batch's outcome written as it comes, so that a rerun
     answers only the batches it lacks. Rows come in prompt order."""
     batches = list(enumerate(cut_into_batches(prompts, batch_size)))
     logged = {entry["batch"]: entry for entry in (log.rows if log else [])}
@@ -293,11 +301,14 @@ def _build_pairs(
     def answer_batch(item: tuple[int, Sequence[Prompt]]) -> list[dict]:
         number, batch = item
         readable, unreadable = decode_each(batch, lambda prompt: prompt.videos, load_video)
+        too_long = []
+        if processor is not None:
+            readable, too_long = set_apart_too_long(processor, readable, lambda prompt: prompt.messages)
         torch.manual_seed(stable_seed(seed, "batch", number))
         rows, dropped = pairs_of([p for p, _ in readable], [vs for _, vs in readable]) if readable else ([], [])
-        unreadable = [f"{prompt.id}: {error}" for prompt, error in unreadable]
         return [{"batch": number, "prompt_ids": [p.id for p in batch], "rows": rows, "dropped": dropped,
-                 "unreadable": unreadable}]  # fmt: skip
+                 "unreadable": [f"{prompt.id}: {error}" for prompt, error in unreadable],
+                 "too_long": [f"{prompt.id}: {error}" for prompt, error in too_long]}]  # fmt: skip
 
     left = [(number, batch) for number, batch in batches if number not in logged]
     for entries in processes.map_batches(left, answer_batch):
@@ -313,6 +324,9 @@ def _build_pairs(
         if entry["unreadable"]:
             report.dropped["unreadable_video"] += len(entry["unreadable"])
             report.unreadable.extend(entry["unreadable"])
+        if entry.get("too_long"):  # absent from the logs of builds begun before prompts were checked
+            report.dropped["prompt_too_long"] += len(entry["too_long"])
+            report.too_long.extend(entry["too_long"])
     return rows, report
 
 
