@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from videollm.data.formats import load_conversations
 from videollm.data.synthetic import SyntheticConfig, generate_dataset
@@ -43,11 +44,11 @@ def count_generated(engine, monkeypatch, fail_after: int | None = None) -> list[
     sizes = []
     generate = InferenceEngine.generate.__get__(engine)  # the real one, also when a test patches twice
 
-    def counting(conversations, videos, settings):
+    def counting(conversations, videos, settings, seed=None):
         if fail_after is not None and len(sizes) == fail_after:
             raise Killed
         sizes.append(len(conversations))
-        return generate(conversations, videos, settings)
+        return generate(conversations, videos, settings, seed)
 
     monkeypatch.setattr(engine, "generate", counting)
     return sizes
@@ -136,6 +137,22 @@ def test_a_prompt_over_max_length_gets_an_error_line_and_its_batch_is_answered(e
     rows = {r["id"]: r for r in read_lines(tmp_path / "answers.jsonl")}
     assert rows[records[1].id]["answer"] is None and "max_length=120" in rows[records[1].id]["error"]
     assert all(row["error"] is None for id_, row in rows.items() if id_ != records[1].id) and sizes == [2, 3, 3]
+
+
+def test_sampled_answers_come_from_the_seed_and_the_batch(engine, records, tmp_path):
+    sampled = GenerationSettings(max_new_tokens=6, do_sample=True, temperature=5.0)
+
+    def answers(name: str, seed: int, first: int = 0) -> list[str]:
+        generate_dataset_answers(engine, records[first:], tmp_path / name, sampled, batch_size=3, seed=seed)
+        return [row["answer"] for row in read_lines(tmp_path / name)]
+
+    everything = answers("everything.jsonl", seed=0)
+    torch.manual_seed(123)  # the global generator's state does not matter
+    assert answers("again.jsonl", seed=0) == everything
+    assert answers("other_seed.jsonl", seed=1) != everything
+    # a batch's answers depend on its records only (so N processes write what one does): records 3-5 and 6-8 are
+    # batches of both runs
+    assert answers("last_six.jsonl", seed=0, first=3) == everything[3:]
 
 
 def test_duplicate_ids_are_refused(engine, records, tmp_path):

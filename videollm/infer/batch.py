@@ -8,7 +8,8 @@ whole conversation when it ends with a user turn. Each output line is
 `{"id", "answer" | "answers", "reference", "frame_indices", "error"}`. Lines are appended and flushed batch by
 batch, so after a crash or a kill, rerunning the same command generates only the ids that have no line yet (a
 half-written last line is dropped). A record whose video cannot be decoded, or whose prompt is over the model's
-`max_length`, gets a line with `error` set; pass `--retry_errors` to try those again.
+`max_length`, gets a line with `error` set; pass `--retry_errors` to try those again. Sampled answers
+(`--do_sample true`) draw from `--seed` and their batch's records, so N processes write what one process writes.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from videollm.data.formats import ConversationRecord, DataValidationError, iter_
 from videollm.data.video import DecodedVideo, decode_each
 from videollm.infer.generate import GenerationSettings, set_apart_too_long
 from videollm.infer.placement import PlacementArguments
-from videollm.infer.processes import Processes, cut_into_batches
+from videollm.infer.processes import Processes, cut_into_batches, stable_seed
 from videollm.infer.session import InferenceEngine
 
 
@@ -42,6 +43,7 @@ class BatchArguments:
     batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
     retry_errors: bool = field(default=False, metadata={"help": "generate again for ids whose line has an error"})
     limit: int | None = field(default=None, metadata={"help": "answer only the first N records"})
+    seed: int = field(default=0, metadata={"help": "sampled answers (--do_sample true) draw from it, batch by batch"})
 
 
 def split_prompt(record: ConversationRecord) -> tuple[list[dict], str | None]:
@@ -92,11 +94,14 @@ def generate_dataset_answers(
     batch_size: int = 8,
     retry_errors: bool = False,
     processes: Processes = Processes(),
+    seed: int = 0,
 ) -> int:
     """Append an answer line to `output` for every record without one; returns how many records were answered.
 
     On several `processes`, the batches left are answered `processes.count` at a time, one per process, and the main
-    process appends them in batch order: the file is the one a single process writes (the same greedy answers)."""
+    process appends them in batch order: the file is the one a single process writes. Sampled answers draw from a seed
+    made of `seed` and the batch's record ids, so they are the same on any number of processes and in every run that
+    cuts the same batches (a resumed run cuts its batches from the records left)."""
     duplicates = sorted(i for i, n in Counter(r.id for r in records).items() if n > 1)
     if duplicates:
         raise ValueError(f"record ids must be unique to resume by id; repeated: {duplicates[:5]}")
@@ -107,7 +112,7 @@ def generate_dataset_answers(
     progress = tqdm(
         total=len(records), initial=len(records) - len(todo), desc="generating", unit="sample", disable=not processes.is_main
     )
-    for rows in processes.map_batches(batches, lambda batch: _answer_batch(engine, batch, settings)):
+    for rows in processes.map_batches(batches, lambda batch: _answer_batch(engine, batch, settings, seed)):
         if processes.is_main:
             with open(output, "a", encoding="utf-8") as sink:
                 sink.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
@@ -118,7 +123,9 @@ def generate_dataset_answers(
     return len(todo)
 
 
-def _answer_batch(engine: InferenceEngine, batch: list[ConversationRecord], settings: GenerationSettings) -> list[dict]:
+def _answer_batch(
+    engine: InferenceEngine, batch: list[ConversationRecord], settings: GenerationSettings, seed: int
+) -> list[dict]:
     """The answer lines of one batch, in record order but with the error lines (unreadable video, prompt too long)
     first."""
 
@@ -131,7 +138,8 @@ def _answer_batch(engine: InferenceEngine, batch: list[ConversationRecord], sett
     rows = [{**row(record, error=str(error)), "answer": None} for record, error in [*unreadable, *too_long]]
     if readable:
         prompts = [split_prompt(record)[0] for record, _ in readable]
-        answers = engine.generate(prompts, [videos for _, videos in readable], settings)
+        batch_seed = stable_seed(seed, [record.id for record in batch])
+        answers = engine.generate(prompts, [videos for _, videos in readable], settings, batch_seed)
         for (record, videos), texts in zip(readable, answers):
             key = ("answer", texts[0]) if settings.num_return_sequences == 1 else ("answers", texts)
             rows.append({**row(record, videos), key[0]: key[1]})
@@ -156,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = InferenceEngine.from_checkpoint(args.model, processes.place(device), dtype)
     try:
         answered = generate_dataset_answers(
-            engine, records, args.output, settings, args.batch_size, args.retry_errors, processes
+            engine, records, args.output, settings, args.batch_size, args.retry_errors, processes, args.seed
         )
     except ValueError as error:
         sys.exit(f"error: {error}")
