@@ -412,6 +412,25 @@ def test_continuing_an_adapter_trains_what_the_policy_says(saved_model, tmp_path
         load(tmp_path / "frozen", "full")
 
 
+def test_architecture_keys_a_checkpoint_does_not_have_are_named_as_ignored(saved_model, caplog):
+    """A checkpoint is loaded as it was built: `projector_type: qformer` on a pool checkpoint does nothing, and says so."""
+    from videollm.train.config import DataArguments, ModelArguments
+    from videollm.train.setup import load_or_build
+
+    def warnings(**keys) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="videollm.train.setup"):
+            load_or_build(ModelArguments(model_name_or_path=str(saved_model), tune_llm="full", **keys), DataArguments())
+        return [r.getMessage() for r in caplog.records if "is ignored" in r.getMessage()]
+
+    assert warnings(projector_type="qformer", num_query_tokens=16) == [
+        "projector_type: qformer is ignored: the checkpoint is loaded as it was built (pool)",
+        "num_query_tokens: 16 is ignored: the checkpoint is loaded as it was built (8)",
+    ]
+    assert warnings(projector_type="pool") == []  # what the checkpoint has
+    assert warnings() == []  # defaults are not asked for
+
+
 def test_a_lora_checkpoint_started_from_relative_paths_loads_from_any_directory(pretrained_parts, tmp_path, monkeypatch):
     """The frozen base a LoRA checkpoint rebuilds is recorded by absolute path, whether it is a videollm checkpoint
     (`model_name_or_path: outputs/sft_tiny`, as dpo_tiny.yaml has it) or a vision tower and an LLM."""

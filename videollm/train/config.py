@@ -39,7 +39,9 @@ class ModelArguments:
         default=False, metadata={"help": "build a tiny random model and tokenizer from configs (demo, tests); no downloads"}
     )
     tiny_image_size: int = field(default=32, metadata={"help": "frame side of the tiny vision tower"})
-    projector_type: str = field(default="mlp", metadata={"help": "mlp | pool | qformer"})
+    projector_type: str = field(
+        default="mlp", metadata={"help": "mlp | pool | qformer | stc (a new model only; a checkpoint keeps its own)"}
+    )
     pool_output_size: list[int] = field(
         default_factory=lambda: [16, 12, 12], metadata={"help": "pool projector output (frames cap, height, width)"}
     )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +21,7 @@ from videollm.model.attention import PACKED_SDPA
 from videollm.model.builder import build_model_and_processor
 from videollm.model.checkpoint import is_adapter_checkpoint, load_model
 from videollm.model.presets import build_tiny_model_and_processor
-from videollm.model.trainable import apply_policy_to_adapter, apply_trainable_policy
+from videollm.model.trainable import apply_policy_to_adapter, apply_trainable_policy, unwrap
 from videollm.train.config import DataArguments, ModelArguments
 from videollm.train.guards import NonFiniteTrainingError
 from videollm.train.hardware import Hardware, out_of_memory_advice, upcast_trainable_parameters
@@ -65,6 +67,8 @@ def load_or_build(
         model, processor = load_model(
             model_args.model_name_or_path, dtype=dtype, trainable=continue_adapter, merge=not continue_adapter
         )
+        for key, value in _ignored_architecture_keys(architecture, unwrap(model).config).items():
+            logger.warning("%s: %s is ignored: the checkpoint is loaded as it was built (%s)", key, value[0], value[1])
         if requested is not None and requested != processor.spec:
             logger.warning("sampling spec %s replaces the checkpoint's %s", requested, processor.spec)
             processor.sampling = {**requested.to_dict(), "frame_size": processor.spec.frame_size}
@@ -90,6 +94,24 @@ def load_or_build(
     if model_args.model_dtype is None:
         upcast_trainable_parameters(model)
     return model, processor
+
+
+def _ignored_architecture_keys(architecture: dict[str, Any], config: Any) -> dict[str, tuple[Any, Any]]:
+    """Architecture keys set to something other than their default and other than the loaded checkpoint's value, with
+    (asked, kept): a checkpoint is never rebuilt, so such a key does nothing, which the user should hear about."""
+    defaults = {
+        f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        for f in dataclasses.fields(ModelArguments)
+    }
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    ignored = {}
+    for key, value in architecture.items():
+        asked, kept = plain(value), plain(getattr(config, key, None))
+        if asked != plain(defaults[key]) and asked != kept:
+            ignored[key] = (asked, kept)
+    return ignored
 
 
 def run_summary(trainer: Trainer) -> str:
