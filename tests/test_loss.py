@@ -75,6 +75,16 @@ def test_shift_labels_and_no_label_tokens():
     empty.backward()  # still part of the graph (every rank of a distributed step must run backward)
 
 
+@pytest.mark.parametrize("num_items", [0, torch.tensor(0)])
+def test_a_step_without_label_tokens_has_zero_loss_and_gradients(num_items):
+    """The Trainer's count over the whole step is 0 when no micro-batch has a label token: 0, not 0 / 0 = NaN."""
+    hidden, head, labels = random_case(bias=True, seed=4)
+    loss = causal_lm_loss(hidden, head, torch.full_like(labels, -100), num_items_in_batch=num_items, chunk_size=4)
+    assert loss.item() == 0.0
+    for grad in grads(loss, [hidden, *head.parameters()]):
+        assert not grad.any()
+
+
 def test_only_label_rows_reach_the_head(monkeypatch):
     """Logits are computed for the scored positions only: 27 positions, labels at 2..6 of one row -> 5 rows."""
     hidden, head, labels = random_case(bias=False, seed=3)

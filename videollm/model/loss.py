@@ -66,9 +66,13 @@ def causal_lm_loss(
     rows = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, scored)
     targets = targets.index_select(0, scored)
     total = _summed_cross_entropy(rows, lm_head, targets, chunk_size, use_liger)
-    denominator = num_items_in_batch if num_items_in_batch is not None else max(int(scored.numel()), 1)
+    denominator = num_items_in_batch if num_items_in_batch is not None else int(scored.numel())
+    # A step without a single label token has a zero loss and zero gradients, not 0 / 0 = NaN (which the non-finite
+    # guard would skip and count as a bad step).
     if torch.is_tensor(denominator):
-        denominator = denominator.to(total.device)
+        denominator = denominator.to(total.device).clamp(min=1)
+    else:
+        denominator = max(denominator, 1)
     return total / denominator
 
 

@@ -3,8 +3,9 @@
 Video batches are expensive to produce (decoding, resizing, sometimes a decode subprocess per sample), and a run that
 is input-bound looks just like a slow one in the loss curve. The Trainer's logs say samples/s but not why; timm and
 torchtitan print a data-loading time per step for that reason, and transformers has no such number, so this mixin adds
-it: the wall time the training loop spent blocked on the next batch, over the wall time since the last log. Near 0 the
-accelerator is the bottleneck; near 1 more DataLoader workers (or a feature cache) will help.
+it: the wall time the training loop spent blocked on the next batch, over the wall time it trained since the last log
+(evaluations and checkpoint saves left out). Near 0 the accelerator is the bottleneck; near 1 more DataLoader workers
+(or a feature cache) will help.
 
 Host-side timing: on a GPU the loop runs ahead of the device until something synchronises, so a fetch that overlaps
 queued GPU work counts as waiting only if the queue ran dry meanwhile, which is the waiting that matters.
@@ -39,6 +40,16 @@ class DataWaitMixin:
             return super().get_batch_samples(epoch_iterator, num_batches, device)
         finally:
             self._data_wait_seconds += self.data_wait_clock() - started
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        started = self.data_wait_clock()
+        try:
+            return super()._maybe_log_save_evaluate(*args, **kwargs)
+        finally:
+            # Evaluation and checkpoint saves (after the log entry, if one is written here) are not training time: left
+            # in, an evaluation at every log would shrink the next share by the evaluation's length.
+            if self._data_wait_since is not None:
+                self._data_wait_since += self.data_wait_clock() - max(started, self._data_wait_since)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._data_wait_since is not None:
