@@ -7,7 +7,9 @@ checkpoint (`model_name_or_path`, e.g. an SFT model), trains with `VideoDPOTrain
 (adapter or full, with projector and processor) in `output_dir` itself.
 
     --loss_type sigmoid sft --loss_weights 1.0 0.1     DPO + NLL on the chosen answer (RPO / mrDPO / TEMPLE)
-    --loss_type rrpo --rrpo_alpha 0.01                 RRPO (phrase rewards from chosen_phrases / rejected_phrases)
+    --loss_type rrpo --loss_weights 1.0 --rrpo_alpha 0.01
+                                                       RRPO (phrase rewards from chosen_phrases / rejected_phrases);
+                                                       one weight per loss type (dpo_tiny.yaml sets two)
     --rounds 3                                         mrDPO: merge the LoRA after each round, it becomes the reference
     --round_train_files s1.jsonl s2.jsonl ...          one file per round: a curriculum (make_preferences.py writes it)
     --precompute_ref_log_probs true                    compute reference log-probs once, cached next to the dataset

@@ -14,7 +14,7 @@ import torch
 from videollm.data.synthetic import SyntheticConfig, generate_dataset
 from videollm.model.checkpoint import load_model
 
-from commands import accelerate_launch, run, two_cpu_processes
+from commands import REPO, accelerate_launch, run, two_cpu_processes
 
 TINY_CONFIG = "recipes/configs/sft_tiny.yaml"
 
@@ -95,6 +95,21 @@ def test_missing_config_file_gives_one_clear_line(tmp_path):
     result = run([sys.executable, "recipes/sft.py", "--config", str(tmp_path / "nope.yaml")])
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == f"error: --config: file not found: {tmp_path / 'nope.yaml'}"
+
+
+def test_a_checkpoint_on_the_command_line_replaces_the_configs_pretrained_parts(saved_model, caplog):
+    """`--model_name_or_path outputs/sft_7b` over sft_siglip_qwen2.5_7b.yaml continues from the checkpoint, as the
+    README says, instead of failing on "exactly one model source"."""
+    from videollm.train.config import DataArguments, ModelArguments, parse_config
+    from videollm.train.sft import VideoSFTConfig
+
+    config = str(REPO / "recipes/configs/sft_siglip_qwen2.5_7b.yaml")
+    with caplog.at_level("WARNING", logger="videollm.train.config"):
+        model_args, *_ = parse_config([ModelArguments, DataArguments, VideoSFTConfig],
+                                      ["--config", config, "--model_name_or_path", str(saved_model)])  # fmt: skip
+    assert model_args.model_name_or_path == str(saved_model)
+    assert (model_args.vision_name_or_path, model_args.llm_name_or_path) == (None, None)
+    assert "llm_name_or_path Qwen/Qwen2.5-7B-Instruct are ignored" in caplog.text
 
 
 def test_max_frames_without_fps_is_refused_naming_it(capsys):

@@ -6,6 +6,7 @@ or transformers') as the last dataclass. `parse_config` turns bad input into one
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from videollm.data.robust import BAD_SAMPLE_ACTIONS
 from videollm.data.sampling import SamplingSpec
 from videollm.model.configuration import PROJECTOR_TYPES
 from videollm.model.trainable import TrainablePolicy
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,6 +71,14 @@ class ModelArguments:
     )  # fmt: skip
 
     def __post_init__(self) -> None:
+        if self.model_name_or_path and (self.vision_name_or_path or self.llm_name_or_path):
+            # A checkpoint given on the command line over a config that builds a new model: continuing from it is the
+            # one thing that can mean (a checkpoint is never rebuilt from parts), so the parts step aside, and say so.
+            logger.warning(
+                "model_name_or_path: %s is loaded; vision_name_or_path %s and llm_name_or_path %s are ignored",
+                self.model_name_or_path, self.vision_name_or_path, self.llm_name_or_path,
+            )  # fmt: skip
+            self.vision_name_or_path = self.llm_name_or_path = self.tokenizer_name_or_path = None
         sources = [bool(self.model_name_or_path), bool(self.vision_name_or_path or self.llm_name_or_path), self.tiny]
         if sum(sources) != 1:
             raise ValueError(
