@@ -23,6 +23,7 @@ from videollm.data.synthetic import (
     label_from_answer,
     render_clip,
     sample_clip_params,
+    split_clip_params,
 )
 from videollm.data.video import read_video
 
@@ -79,6 +80,21 @@ def test_clip_params_depend_only_on_seed_split_index():
     assert sample_clip_params(small, "train", 2) == sample_clip_params(large, "train", 2)
     assert sample_clip_params(small, "train", 2) != sample_clip_params(small, "eval", 2)
     assert sample_clip_params(small, "train", 2) != sample_clip_params(SyntheticConfig(seed=5), "train", 2)
+
+
+def test_no_held_out_clip_repeats_a_training_clip():
+    """At the default settings test clip 56, drawn on its own, has the very pixels of train clip 125 (same shape,
+    colour, direction, start within a pixel): it is redrawn, with its direction kept; nothing else changes."""
+    config = SyntheticConfig()
+    drawn = {split: [sample_clip_params(config, split, i) for i in range(n)] for split, n in config.split_sizes().items()}
+    assert np.array_equal(render_clip(drawn["test"][56], config), render_clip(drawn["train"][125], config))
+    clips = split_clip_params(config)
+    train = {render_clip(p, config).tobytes() for p in clips["train"]}
+    held_out = [render_clip(p, config).tobytes() for split in ("eval", "test") for p in clips[split]]
+    assert not train & set(held_out) and len(set(held_out)) == len(held_out)
+    assert clips["train"] == drawn["train"]
+    changed = [p.video_id for split in ("eval", "test") for p, q in zip(clips[split], drawn[split], strict=True) if p != q]
+    assert changed == ["test_00056"] and clips["test"][56].direction == drawn["test"][56].direction
 
 
 def test_decoded_centroid_moves_in_labelled_direction(tiny_set):
