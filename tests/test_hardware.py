@@ -224,7 +224,7 @@ def test_out_of_memory_advice_follows_the_config():
 def test_training_failures_become_one_error(tmp_path, error, expected):
     args = VideoSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     with pytest.raises(SystemExit) as exit_info:
-        with training_failures_as_errors(ModelArguments(tiny=True), DataArguments(), args):
+        with training_failures_as_errors(ModelArguments(tiny=True, tune_llm="full"), DataArguments(), args):
             raise error
     assert str(exit_info.value.code).startswith(expected)
 
@@ -232,7 +232,7 @@ def test_training_failures_become_one_error(tmp_path, error, expected):
 def test_other_errors_keep_their_traceback(tmp_path):
     args = VideoSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     with pytest.raises(KeyError):
-        with training_failures_as_errors(ModelArguments(tiny=True), DataArguments(), args):
+        with training_failures_as_errors(ModelArguments(tiny=True, tune_llm="full"), DataArguments(), args):
             raise KeyError("a bug")
 
 

@@ -106,10 +106,26 @@ def test_a_checkpoint_on_the_command_line_replaces_the_configs_pretrained_parts(
     config = str(REPO / "recipes/configs/sft_siglip_qwen2.5_7b.yaml")
     with caplog.at_level("WARNING", logger="videollm.train.config"):
         model_args, *_ = parse_config([ModelArguments, DataArguments, VideoSFTConfig],
-                                      ["--config", config, "--model_name_or_path", str(saved_model)])  # fmt: skip
+                                      ["--config", config, "--model_name_or_path", str(saved_model), "--report_to", "none"])  # fmt: skip
     assert model_args.model_name_or_path == str(saved_model)
     assert (model_args.vision_name_or_path, model_args.llm_name_or_path) == (None, None)
     assert "llm_name_or_path Qwen/Qwen2.5-7B-Instruct are ignored" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--tune_llm", "lora"], "error: tune_llm: lora trains an adapter over pretrained weights, and tiny: true"),
+        (["--report_to", "tensorboard"], "error: report_to: tensorboard is not installed: pip install tensorboard"),
+    ],
+)
+def test_settings_that_would_fail_after_the_model_is_built_are_refused_at_parse_time(extra, message, capsys):
+    from videollm.train.config import DataArguments, ModelArguments, parse_config
+    from videollm.train.sft import VideoSFTConfig
+
+    with pytest.raises(SystemExit):
+        parse_config([ModelArguments, DataArguments, VideoSFTConfig], ["--tiny", "true", "--tune_llm", "full", *extra])
+    assert capsys.readouterr().err.strip().startswith(message)
 
 
 def test_max_frames_without_fps_is_refused_naming_it(capsys):
@@ -118,7 +134,7 @@ def test_max_frames_without_fps_is_refused_naming_it(capsys):
     from videollm.train.sft import VideoSFTConfig
 
     with pytest.raises(SystemExit):
-        parse_config([ModelArguments, DataArguments, VideoSFTConfig], ["--tiny", "true", "--max_frames", "16"])
+        parse_config([ModelArguments, DataArguments, VideoSFTConfig], ["--tiny", "true", "--tune_llm", "full", "--max_frames", "16"])
     assert capsys.readouterr().err.strip() == "error: max_frames: 16 caps sampling by rate only; set fps too, or use num_frames"
     assert DataArguments(fps=2.0, max_frames=16).sampling_spec().max_frames == 16
 

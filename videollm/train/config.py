@@ -84,6 +84,11 @@ class ModelArguments:
             raise ValueError(
                 "model: give exactly one of model_name_or_path, vision_name_or_path + llm_name_or_path, or tiny: true"
             )
+        if self.tiny and self.tune_llm == "lora":
+            raise ValueError(
+                "tune_llm: lora trains an adapter over pretrained weights, and tiny: true builds random ones; use "
+                "tune_llm: full, or save the tiny model and start LoRA from it with model_name_or_path"
+            )
         if bool(self.vision_name_or_path) != bool(self.llm_name_or_path):
             raise ValueError("model: vision_name_or_path and llm_name_or_path go together")
         if self.projector_type not in PROJECTOR_TYPES:
@@ -199,11 +204,25 @@ def parse_config(dataclass_types: Sequence[type], args: Sequence[str] | None = N
         if index + 1 >= len(argv) or not Path(argv[index + 1]).is_file():
             _fail(f"--config: file not found: {argv[index + 1] if index + 1 < len(argv) else '(missing)'}")
     try:
-        return tuple(parser.parse_args_and_config(argv))
+        parsed = tuple(parser.parse_args_and_config(argv))
     except SystemExit:
         raise
     except (ValueError, TypeError, KeyError) as error:
         _fail(str(error).splitlines()[0] if str(error) else repr(error))
+    _check_reporting(parsed)
+    return parsed
+
+
+def _check_reporting(parsed: Sequence[Any]) -> None:
+    """A `report_to` integration that is not installed stops the run now, not once the model is built (the Trainer's
+    callbacks check only then: minutes into a 7B run)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    for config in parsed:
+        requested = [name for name in getattr(config, "report_to", None) or [] if name not in ("all", "none")]
+        missing = [name for name in requested if name not in get_available_reporting_integrations()]
+        if missing:
+            _fail(f"report_to: {', '.join(missing)} is not installed: pip install {' '.join(missing)}, or --report_to none")
 
 
 def _fail(message: str) -> None:
