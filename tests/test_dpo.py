@@ -553,6 +553,31 @@ def test_second_round_reference_is_the_first_rounds_merged_policy(base, processo
     assert first_step["rewards/chosen"] == 0.0 and first_step["rewards/rejected"] == 0.0  # fresh LoRA == reference
 
 
+def test_a_rounds_weights_are_released_before_the_next_round_loads(base, processor, dataset, tmp_path, monkeypatch):
+    """Round 2's model (and its merged copy) must be gone when round 3's is loaded: kept alive, each transition holds
+    two models at once, twice the weights in accelerator memory. (Round 1's is the caller's.)"""
+    import gc
+    import weakref
+
+    import videollm.train.dpo as dpo
+
+    loaded, alive_at_load = [], []
+    fresh_lora = dpo._fresh_lora
+
+    def loading(*args):
+        gc.collect()
+        alive_at_load.append([ref() is not None for ref in loaded])
+        model = fresh_lora(*args)
+        loaded.append(weakref.ref(unwrap(model)))
+        return model
+
+    monkeypatch.setattr(dpo, "_fresh_lora", loading)
+    policy = TrainablePolicy(llm="lora", projector="frozen", lora_r=4, lora_dropout=0.0)
+    model = apply_trainable_policy(copy.deepcopy(base), policy)
+    train_dpo(model, processor, [dataset] * 3, None, dpo_config(tmp_path), policy)
+    assert alive_at_load == [[], [False]]
+
+
 def test_later_rounds_keep_the_first_rounds_dtypes_and_attention(checkpoint, processor, dataset, tmp_path):
     # a merged checkpoint alone would load in its widest stored dtype (fp32) with the default attention
     policy = TrainablePolicy(llm="lora", projector="frozen", lora_r=4, lora_dropout=0.0)

@@ -549,7 +549,7 @@ def train_dpo(
             merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
             save_checkpoint(merged, processor, merged_dir)
         trainer.accelerator.wait_for_everyone()
-        del trainer, model
+        trainer = model = merged = None  # this round's weights (the merged model too) go before the next round's load
         gc.collect()
         model = _fresh_lora(merged_dir, policy, setup)
     return trainer
