@@ -75,6 +75,7 @@ def build_model(args: argparse.Namespace, workdir: Path):
         args.image_size = preset["vision"]["image"]
         args.attn = Hardware.detect(use_cpu=not args.device.startswith("cuda")).attention(None, packing=False)
         args.gradient_checkpointing = False
+        args.mixed_precision = False  # every weight in --dtype, no autocast (build_ours reads both switches)
         return build_ours(preset, args)
     tokenizer = build_tiny_tokenizer()
     heads = max(args.llm_hidden // 64, 1) * 4 if args.llm_hidden >= 64 else 4

@@ -10,7 +10,8 @@ Three ways to get k answers for each of P prompts (videos already decoded; decod
 
 Same outputs: greedy answers of all three are compared (they must be equal); sampled answers of shared and repeated
 batch are compared under one seed (the same random draws in the same order). Naive per-sample sampling draws in
-another order, so only its time is comparable. Random weights and frames.
+another order, so only its time is comparable. Random weights and frames. The variants take turns, one call each per
+round after a warm-up round; a speed-up is the median over rounds of the two times of the same round.
 """
 
 from __future__ import annotations
@@ -99,19 +100,22 @@ def shared(model, processor, conversations, videos, settings: GenerationSettings
 VARIANTS = {"naive per-sample generate": naive, "repeated batch": repeated, "shared encode + prefill": shared}
 
 
-def timed(fn, runs: int, device: str, *fn_args) -> float:
-    fn(*fn_args)  # warm-up
-    times = []
-    for run in range(runs):
-        torch.manual_seed(run)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(*fn_args)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(variants: dict, runs: int, device: str, *fn_args) -> dict[str, list[float]]:
+    """Seconds per call of each variant: one untimed warm-up round, then `runs` rounds in which the variants take turns
+    (a change of load on a shared machine hits all of them alike), each call seeded with its round (CUDA synchronised)."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for run in range(runs + 1):
+        for name, fn in variants.items():
+            torch.manual_seed(run)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn(*fn_args)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if run:
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 def main() -> None:
@@ -141,9 +145,12 @@ def main() -> None:
           f"{sampled_equal}")  # fmt: skip
     rows = []
     for settings_name, settings in (("greedy", greedy), ("sampled T=0.7 top-p 0.9", sampled)):
-        times = {name: timed(fn, args.runs, args.device, *common, settings) for name, fn in VARIANTS.items()}
-        for name, seconds in times.items():
-            rows.append((settings_name, name, seconds, times["naive per-sample generate"] / seconds))
+        times = timed(VARIANTS, args.runs, args.device, *common, settings)
+        naive_times = times["naive per-sample generate"]
+        for name, values in times.items():
+            # speed-up: median over rounds of the naive call's time over this one's in the same round
+            speedup = statistics.median(n / v for n, v in zip(naive_times, values, strict=True))
+            rows.append((settings_name, name, statistics.median(values), speedup))
     print()
     print("| decoding | variant | seconds | answers/s | speed-up over naive |")
     print("|---|---|---|---|---|")

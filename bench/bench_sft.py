@@ -25,7 +25,8 @@ the same round, so a change of machine load between rounds cancels out.
 
 Model FLOPs per step (the same number for every variant that runs the tower; the cached variant drops the vision term):
 LoRA on a frozen LLM is 4N per token (forward 2N, backward to the activations 2N) plus 6 per LoRA parameter; attention
-8·layers·hidden·s² per sample of length s (forward and backward to activations, not halved for causality); the LM
+12·layers·hidden·s² per sample of length s (forward 4·hidden·s² a layer for QK^T and PV; the backward needs the
+gradients of both operands of each, all activations, so twice that: not halved for causality); the LM
 head 4·hidden·vocab per scored token (what the loss needs: the peer's logits at unscored positions are waste); the
 vision forward 2N per patch plus its attention, up to the layer the projector reads (the layers after it, which the
 peer runs and ours cuts, are waste too). The projector is left out (under 1%). MFU needs the accelerator's peak
@@ -92,7 +93,7 @@ PRESETS = {
     },
 }  # fmt: skip
 # Dense bf16 tensor-core peaks, TFLOP/s, by a substring of torch.cuda.get_device_name().
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VISION_FEATURE_LAYER = -2
 PEER_STEP = "peer: LLaVA-OneVision, padded"
@@ -255,13 +256,17 @@ def on(batch: dict, device: str, dtype: torch.dtype) -> dict:
 
 # ---- FLOPs ----------------------------------------------------------------------------------------------------------
 def step_flops(preset: dict, samples: list[dict], with_vision: bool, lora_params: int) -> float:
+    """Model FLOPs of one training step over `samples` (see the module docstring; tests/test_bench.py checks the count
+    against torch's FLOP counter on a small model)."""
     llm, vision = preset["llm"], preset["vision"]
     d, layers, kv = llm["hidden"], llm["layers"], llm["hidden"] // llm["heads"] * llm["kv_heads"]
     body = layers * (2 * d * d + 2 * d * kv + 3 * d * llm["intermediate"])
     lengths = [len(s["input_ids"]) for s in samples]
     scored = sum(sum(1 for t in s["labels"][1:] if t != IGNORE_INDEX) for s in samples)
     flops = (4 * body + 6 * lora_params) * sum(lengths)
-    flops += 8 * layers * d * sum(n * n for n in lengths)
+    # attention: forward QK^T and PV, 2·s²·d each; backward, the gradients of both operands of each (dQ, dK, dP, dV):
+    # twice the forward, whatever is frozen, since no weight is involved
+    flops += 12 * layers * d * sum(n * n for n in lengths)
     flops += 4 * d * llm["vocab"] * scored
     if with_vision:
         dv, patches = vision["hidden"], (vision["image"] // vision["patch"]) ** 2
@@ -374,6 +379,8 @@ def step_table(preset: dict, args: argparse.Namespace) -> list[dict]:
             "speedup_vs_peer": paired_ratio(peer_times, values) if peer_times else None,
             "model_tflop_per_step": flops / 1e12, "achieved_tflops": flops / seconds / 1e12,
             "mfu": flops / seconds / (peak * 1e12) if peak else None, "peak_memory_gib": peaks.get(name),
+            # the issue's target is in GB (10^9 bytes): 24 GB is 22.35 GiB
+            "peak_memory_gb": peaks[name] * 2**30 / 1e9 if name in peaks else None,
             "ms_all_steps": [1000 * v for v in values],
         })  # fmt: skip
     return rows
@@ -505,7 +512,7 @@ def main() -> None:
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         ratio = f"{r['speedup_vs_peer']:.2f}x" if r["speedup_vs_peer"] is not None else "n/a"
-        memory = f"{r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] is not None else "n/a"
+        memory = f"{r['peak_memory_gib']:.2f} GiB ({r['peak_memory_gb']:.2f} GB)" if r["peak_memory_gib"] is not None else "n/a"
         print(f"| {r['variant']} | {r['ms_per_step']:.1f} | {r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
               f"{ratio} | {r['achieved_tflops']:.4f} | {mfu} | {memory} |")  # fmt: skip
     result = {"header": header, "preset": args.preset, "shapes": preset, "device": args.device, "step": rows}

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of the performance issue as one run, each step under a time limit (9.5 minutes in all at most: one device call):
+# The GPU checks of the performance issue as one run, each step under a time limit (8.7 minutes of step limits, plus
+# about 30 s of wheel install and imports: one device call of at most 10 minutes):
 #   1. tests/test_gpu.py: bf16 training, packing on CUDA, Liger's fused loss (flash-attn's varlen path if installed);
 #   2. SFT against LLaVA-OneVision at Qwen2.5-0.5B + SigLIP-so400m shapes, 16 frames (peer ratio, feature cache, MFU);
 #   3. the Qwen2.5-7B shapes at 32 frames, micro-batch 1: MFU of ours and the peer, no activation checkpointing;
@@ -24,11 +25,14 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going afte
     timeout "$limit" "$@" || { echo "=== $name FAILED (exit $?)"; status=1; }
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-step "GPU tests" 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py
+# Every package the steps import, before any step runs: a missing wheel shows here in one line, not as four failures.
+python3 -c "import torch, transformers, peft, trl, datasets, av, videollm, videollm.train.sft; \
+print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', \
+trl.__version__, 'datasets', datasets.__version__, 'av', av.__version__)" || { echo "=== imports FAILED: carry .whl (bench/fetch_gpu_wheels.sh)"; exit 1; }
+step "GPU tests" 130 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py
 step "SFT 0.5B shapes" 150 python3 bench/bench_sft.py --preset qwen2.5-0.5b --steps 5 --json "$out/sft_0.5b.json"
 step "SFT 7B shapes, 32 frames" 150 python3 bench/bench_sft.py --preset qwen2.5-7b --frames 32 --steps 5 \
     --json "$out/sft_7b_32f.json"
-step "SFT 7B shapes, 32 frames, memory" 120 python3 bench/bench_sft.py --preset qwen2.5-7b --frames 32 --steps 3 \
+step "SFT 7B shapes, 32 frames, memory" 90 python3 bench/bench_sft.py --preset qwen2.5-7b --frames 32 --steps 3 \
     --variants "ours, padded" --gradient_checkpointing --json "$out/sft_7b_32f_memory.json"
 exit $status
