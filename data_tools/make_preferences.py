@@ -34,6 +34,7 @@ from videollm.data.formats import DataValidationError, load_labelled, write_json
 from videollm.infer.generate import GenerationSettings
 from videollm.infer.placement import PlacementArguments, load_for_inference
 from videollm.infer.processes import Processes
+from videollm.model.checkpoint import checkpoint_problem
 from videollm.selftrain.preferences import PERTURBATIONS
 from videollm.selftrain.runs import RunDirectory, RunSettingsMismatch, SampleLog
 from videollm.selftrain import (
@@ -73,7 +74,20 @@ class BuildArguments:
     def __post_init__(self) -> None:
         if self.mode not in ("perturb", "verify"):
             raise ValueError(f"mode: {self.mode!r} is not one of perturb | verify")
+        for name in ("batch_size", "max_pairs_per_prompt", "limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:  # a negative limit would quietly drop the last records instead
+                raise ValueError(f"--{name}: must be >= 1, got {value}")
+        if not 0 < self.min_length_ratio <= self.max_length_ratio:
+            raise ValueError(
+                f"--min_length_ratio {self.min_length_ratio} and --max_length_ratio {self.max_length_ratio}: need "
+                "0 < min_length_ratio <= max_length_ratio"
+            )
+        if Path(self.output).is_dir():
+            raise ValueError(f"--output: {self.output} is a directory; give the preference file, e.g. {Path(self.output) / 'pairs.jsonl'}")
         self.perturbation_list()
+        if problem := checkpoint_problem(self.model):
+            raise ValueError(f"--model: {problem}")
 
     def perturbation_list(self) -> list[tuple[str, int]]:
         """`perturbations` as (kind, magnitude) pairs; ValueError, before any model is loaded, for one that
@@ -106,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, placement, settings = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
         device, dtype = placement.resolve()
+        if problem := settings.problem():
+            raise ValueError(problem)
         records = load_labelled(args.input, video_root=args.video_root)
     except (ValueError, DataValidationError) as error:
         print(f"error: {error}", file=sys.stderr)

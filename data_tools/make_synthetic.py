@@ -12,6 +12,7 @@ All settings are the fields of ``videollm.data.synthetic.SyntheticConfig`` (see 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from transformers import HfArgumentParser
@@ -22,7 +23,14 @@ from videollm.data.synthetic import SyntheticConfig, format_summary, generate_da
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse the settings, write the dataset and print a short summary."""
     parser = HfArgumentParser(SyntheticConfig, description=__doc__.splitlines()[0])
-    (config,) = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+    try:
+        (config,) = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if Path(config.output_dir).exists() and not Path(config.output_dir).is_dir():
+        print(f"error: --output_dir: {config.output_dir} is a file, not a directory", file=sys.stderr)
+        return 2
     print(format_summary(generate_dataset(config)))
     return 0
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from videollm.model.checkpoint import export_merged, is_adapter_checkpoint
+from videollm.model.checkpoint import checkpoint_problem, export_merged, is_adapter_checkpoint
 
 
 @dataclass
@@ -22,8 +22,14 @@ class ExportArguments:
 
 def main(argv: list[str] | None = None) -> None:
     (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=argv)
-    if not (Path(args.model) / "config.json").is_file():
-        sys.exit(f"error: --model: {args.model} is not a videollm checkpoint (no config.json)")
+    if problem := checkpoint_problem(args.model):
+        sys.exit(f"error: --model: {problem}")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        sys.exit(f"error: --output_dir: {args.output_dir} is a file, not a directory")
+    if Path(args.output_dir).is_dir() and any(Path(args.output_dir).iterdir()):
+        # Writing into another checkpoint would overwrite some of its files and keep others (an adapter_config.json
+        # next to merged weights loads as an adapter): a mix that is neither model.
+        sys.exit(f"error: --output_dir: {args.output_dir} is not empty; give a new directory")
     export_merged(args.model, args.output_dir)
     kind = "LoRA adapter merged" if is_adapter_checkpoint(args.model) else "full model copied"
     print(f"{kind}: {args.model} -> {args.output_dir}")

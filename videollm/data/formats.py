@@ -431,7 +431,7 @@ class _RecordReader:
         elif raw.get("messages") is not None:
             turns_field, role_key, content_key = "messages", "role", "content"
         else:
-            hint = " (this looks like a preference record: use load_preferences)" if "chosen" in raw else ""
+            hint = _kind_hint(raw)
             self.report(location, None, f"missing 'conversations' (LLaVA style) or 'messages'{hint}")
             return None
         top = self.top_level_videos(raw, location)
@@ -457,6 +457,9 @@ class _RecordReader:
     ) -> PreferenceRecord | None:
         """Normalise a preference pair (see the module docstring)."""
         start = len(self.problems)
+        if not {"prompt", "chosen", "rejected"} & raw.keys() and (hint := _kind_hint(raw)):
+            self.report(location, None, f"missing 'prompt', 'chosen' and 'rejected'{hint}")
+            return None
         top = self.top_level_videos(raw, location)
         system = self.system_turn(raw, location)
         prompt = raw.get("prompt")
@@ -491,6 +494,9 @@ class _RecordReader:
     def labelled(self, raw: dict[str, Any], location: _Location, record_id: str) -> LabelledRecord | None:
         """Normalise a question/label record (see the module docstring)."""
         start = len(self.problems)
+        if "question" not in raw and (hint := _kind_hint(raw)):
+            self.report(location, "question", f"missing{hint}")
+            return None
         top = self.top_level_videos(raw, location)
         question = raw.get("question")
         if not isinstance(question, str) or not question.strip():
@@ -724,6 +730,17 @@ class _RecordReader:
 def _meta(raw: dict[str, Any], consumed: set[str]) -> dict[str, Any]:
     """The fields a form does not use, minus nulls (which Parquet/datasets add for absent keys)."""
     return {key: value for key, value in raw.items() if key not in consumed and value is not None}
+
+
+def _kind_hint(raw: dict[str, Any]) -> str:
+    """` (this looks like a ... record: ...)` for a record of another kind than the loader's, else ''."""
+    if raw.get("conversations") is not None or raw.get("messages") is not None:
+        return " (this looks like a conversation record: SFT data, for recipes/sft.py and videollm.eval)"
+    if "chosen" in raw:
+        return " (this looks like a preference record: DPO data, for recipes/dpo.py; use load_preferences)"
+    if "label" in raw and "question" in raw:
+        return " (this looks like a labelled record: question + label, for recipes/star.py and recipes/self_preference.py)"
+    return ""
 
 
 def _text_problem(value: Any, parts: bool = False) -> str:

@@ -29,6 +29,7 @@ from videollm.eval.scoring import Question, score_answers
 from videollm.infer.generate import GenerationSettings
 from videollm.infer.placement import PlacementArguments, load_for_inference
 from videollm.infer.processes import Processes
+from videollm.model.checkpoint import checkpoint_problem
 from videollm.selftrain.verifiers import RecordVerifiers
 
 
@@ -113,9 +114,15 @@ def main(argv: list[str] | None = None) -> None:
     args, placement, settings = parser.parse_args_into_dataclasses(args=argv)
     processes = Processes.launched()
     device, dtype = placement.resolve_or_exit()
-    for name in ("model", "data"):
-        if not Path(getattr(args, name)).exists():
-            sys.exit(f"error: --{name}: {getattr(args, name)} does not exist")
+    if problem := checkpoint_problem(args.model):
+        sys.exit(f"error: --model: {problem}")
+    if not Path(args.data).exists():
+        sys.exit(f"error: --data: {args.data} does not exist")
+    if problem := _numbers_problem(args) or settings.problem():
+        sys.exit(f"error: {problem}")
+    if Path(args.output).is_dir():
+        suggestion = Path(args.output) / "results.json"
+        sys.exit(f"error: --output: {args.output} is a directory; give the summary's file name, e.g. {suggestion}")
     try:
         records = load_conversations(args.data, video_root=args.video_root)
     except DataValidationError as error:
@@ -141,6 +148,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     output.write_text(json.dumps(summary, indent=2))
     print_table(summary, f"{args.model} on {args.data}" + (" (frames shuffled)" if args.shuffle_frames else ""))
+
+
+def _numbers_problem(args: EvalArguments) -> str | None:
+    if args.batch_size < 1:
+        return f"--batch_size: must be >= 1, got {args.batch_size}"
+    if args.limit is not None and args.limit < 1:
+        # records[:-1] would quietly drop the last record instead
+        return f"--limit: must be >= 1, got {args.limit}"
+    return None
 
 
 if __name__ == "__main__":

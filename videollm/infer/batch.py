@@ -32,6 +32,7 @@ from videollm.infer.generate import GenerationSettings, set_apart_too_long
 from videollm.infer.placement import PlacementArguments
 from videollm.infer.processes import Processes, cut_into_batches, stable_seed
 from videollm.infer.session import InferenceEngine
+from videollm.model.checkpoint import checkpoint_problem
 
 
 @dataclass
@@ -151,11 +152,21 @@ def main(argv: list[str] | None = None) -> None:
     args, placement, settings = parser.parse_args_into_dataclasses(args=argv)
     processes = Processes.launched()
     device, dtype = placement.resolve_or_exit()
-    for name in ("model", "data"):
-        if not Path(getattr(args, name)).exists():
-            sys.exit(f"error: --{name}: {getattr(args, name)} does not exist")
+    if problem := checkpoint_problem(args.model):
+        sys.exit(f"error: --model: {problem}")
+    if not Path(args.data).exists():
+        sys.exit(f"error: --data: {args.data} does not exist")
     if args.batch_size < 1:
         sys.exit(f"error: --batch_size must be >= 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        sys.exit(f"error: --limit: must be >= 1, got {args.limit}")
+    if Path(args.output).is_dir():
+        sys.exit(f"error: --output: {args.output} is a directory; give the answers file, e.g. {Path(args.output) / 'answers.jsonl'}")
+    if Path(args.output).resolve() == Path(args.data).resolve():
+        # its records' ids would read as answers already written: nothing answered, and the data file appended to
+        sys.exit("error: --output: must not be the --data file")
+    if problem := settings.problem():
+        sys.exit(f"error: {problem}")
     try:
         records = load_conversations(args.data, video_root=args.video_root)
     except DataValidationError as error:

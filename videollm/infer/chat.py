@@ -22,6 +22,7 @@ from videollm.data.video import VideoDecodeError
 from videollm.infer.generate import GenerationSettings
 from videollm.infer.placement import PlacementArguments
 from videollm.infer.session import ChatSession, InferenceEngine, describe_frames
+from videollm.model.checkpoint import checkpoint_problem
 
 USER_PROMPT = "user: "
 ASSISTANT_PREFIX = "assistant: "
@@ -114,8 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser([ChatArguments, PlacementArguments, GenerationSettings])
     args, placement, settings = parser.parse_args_into_dataclasses(args=argv)
     device, dtype = placement.resolve_or_exit()
-    if not Path(args.model).exists():
-        sys.exit(f"error: --model: {args.model} does not exist")
+    if problem := checkpoint_problem(args.model):
+        sys.exit(f"error: --model: {problem}")
+    if problem := settings.problem():
+        sys.exit(f"error: {problem}")
     if args.video is not None and not Path(args.video).exists():
         sys.exit(f"error: --video: {args.video} does not exist")
     if settings.num_return_sequences != 1:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -20,6 +19,7 @@ from videollm.data.video import VideoDecodeError
 from videollm.infer.generate import GenerationSettings
 from videollm.infer.placement import PlacementArguments
 from videollm.infer.session import ChatSession, InferenceEngine, describe_frames
+from videollm.model.checkpoint import checkpoint_problem
 
 # Gradio's default theme loads fonts from the web; this machine (and many servers) has no route there.
 THEME = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -150,8 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser([DemoArguments, PlacementArguments, GenerationSettings])
     args, placement, settings = parser.parse_args_into_dataclasses(args=argv)
     device, dtype = placement.resolve_or_exit()
-    if not Path(args.model).exists():
-        sys.exit(f"error: --model: {args.model} does not exist")
+    if problem := checkpoint_problem(args.model):
+        sys.exit(f"error: --model: {problem}")
+    if problem := settings.problem():
+        sys.exit(f"error: {problem}")
     try:
         engine = InferenceEngine.from_checkpoint(args.model, device, dtype)
     except (FileNotFoundError, ValueError) as error:

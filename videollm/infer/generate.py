@@ -48,6 +48,19 @@ class GenerationSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def problem(self, flag: str = "--") -> str | None:
+        """Why these settings cannot generate, naming the setting (`flag` + its name), or None: a front end checks
+        before it loads a model, as generation would refuse them only then."""
+        if self.max_new_tokens < 1:
+            return f"{flag}max_new_tokens: must be >= 1, got {self.max_new_tokens}"
+        if self.num_return_sequences < 1:
+            return f"{flag}num_return_sequences: must be >= 1, got {self.num_return_sequences}"
+        if self.do_sample and not self.temperature > 0:
+            return f"{flag}temperature: must be > 0 when sampling, got {self.temperature} (or greedy: do_sample false)"
+        if self.do_sample and not 0 < self.top_p <= 1:
+            return f"{flag}top_p: must be in (0, 1], got {self.top_p}"
+        return None
+
 
 def set_apart_too_long(
     processor: VideoLLMProcessor,

@@ -41,6 +41,7 @@ from videollm.infer.generate import GenerationSettings
 from videollm.infer.media import MediaError, load_video_reference
 from videollm.infer.placement import PlacementArguments
 from videollm.infer.session import InferenceEngine
+from videollm.model.checkpoint import checkpoint_problem
 
 
 @dataclass
@@ -310,8 +311,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser([ServeArguments, PlacementArguments, GenerationSettings])
     args, placement, settings = parser.parse_args_into_dataclasses(args=argv)
     device, dtype = placement.resolve_or_exit()
-    if not Path(args.model).exists():
-        sys.exit(f"error: --model: {args.model} does not exist")
+    if problem := checkpoint_problem(args.model):
+        sys.exit(f"error: --model: {problem}")
+    if problem := settings.problem():
+        sys.exit(f"error: {problem}")
     if args.media_root is not None and not Path(args.media_root).is_dir():
         sys.exit(f"error: --media_root: {args.media_root} is not a directory")
     if args.max_upload_mb <= 0:

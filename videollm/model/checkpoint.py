@@ -83,6 +83,29 @@ def _load_base(path: Path, dtype: torch.dtype | None) -> VideoLLMForConditionalG
     return model
 
 
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why `path` is not a videollm checkpoint (missing, a file, an empty dir, a plain transformers model), or None;
+    cheap, so a front end can refuse before any model or data is loaded."""
+    path = Path(path)
+    if not path.exists():
+        return f"{path} does not exist"
+    if not path.is_dir():
+        return f"{path} is a file; a checkpoint is a directory"
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return f"{path} is not a videollm checkpoint (no config.json)"
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (ValueError, AttributeError) as error:
+        return f"{config_file}: not a valid JSON config ({error})"
+    if model_type != "videollm":
+        return (
+            f"{path} is not a videollm checkpoint (config.json has model_type {model_type!r}, not 'videollm'); "
+            "the training recipes and videollm.export write one"
+        )
+    return None
+
+
 def load_model(
     path: str | Path, dtype: torch.dtype | None = None, merge: bool = False, trainable: bool = False
 ) -> tuple[nn.Module, VideoLLMProcessor]:

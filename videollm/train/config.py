@@ -6,7 +6,9 @@ or transformers') as the last dataclass. `parse_config` turns bad input into one
 
 from __future__ import annotations
 
+import difflib
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from trl import TrlParser
 
 from videollm.data.robust import BAD_SAMPLE_ACTIONS
 from videollm.data.sampling import SamplingSpec
+from videollm.model.checkpoint import checkpoint_problem
 from videollm.model.configuration import PROJECTOR_TYPES
 from videollm.model.trainable import TrainablePolicy
 
@@ -93,8 +97,14 @@ class ModelArguments:
             raise ValueError("model: vision_name_or_path and llm_name_or_path go together")
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type: {self.projector_type!r} is not one of {' | '.join(PROJECTOR_TYPES)}")
-        if self.model_name_or_path and not Path(self.model_name_or_path, "config.json").is_file():
-            raise ValueError(f"model_name_or_path: {self.model_name_or_path} is not a videollm checkpoint (no config.json)")
+        if self.model_name_or_path and (problem := checkpoint_problem(self.model_name_or_path)):
+            raise ValueError(f"model_name_or_path: {problem}")
+        for name, allowed in (("tune_vision", ("frozen", "full")), ("tune_projector", ("full", "frozen")),
+                              ("tune_llm", ("lora", "full", "frozen"))):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {' | '.join(allowed)}")
+        if self.tune_llm == "lora" and self.lora_r < 1:
+            raise ValueError(f"lora_r: must be >= 1, got {self.lora_r}")
         self.policy()
 
     def policy(self) -> TrainablePolicy:
@@ -204,13 +214,64 @@ def parse_config(dataclass_types: Sequence[type], args: Sequence[str] | None = N
         if index + 1 >= len(argv) or not Path(argv[index + 1]).is_file():
             _fail(f"--config: file not found: {argv[index + 1] if index + 1 < len(argv) else '(missing)'}")
     try:
-        parsed = tuple(parser.parse_args_and_config(argv))
+        *parsed, config_unknown, cli_unknown = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
     except SystemExit:
         raise
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{mark.name}:{mark.line + 1}" if mark else argv[argv.index("--config") + 1]
+        _fail(f"--config: {where}: not valid YAML ({getattr(error, 'problem', None) or error})")
     except (ValueError, TypeError, KeyError) as error:
         _fail(str(error).splitlines()[0] if str(error) else repr(error))
+    parsed = tuple(parsed)
+    known = [action.dest for action in parser._actions]
+    if config_unknown:
+        config_path = argv[argv.index("--config") + 1]
+        _fail(_unknown_key_message(config_path, config_unknown[0].removeprefix("--"), known))
+    if cli_unknown:
+        flag = next((item for item in cli_unknown if item.startswith("-")), None)
+        if flag is None:
+            _fail(f"unexpected argument {cli_unknown[0]!r}: every setting is --key value")
+        key = flag.removeprefix("--").split("=")[0].replace("-", "_")
+        close = difflib.get_close_matches(key, known, n=1)
+        _fail(f"{flag}: unknown argument" + (f" (did you mean --{close[0]}?)" if close else " (see --help)"))
+    _check_training_numbers(parsed)
     _check_reporting(parsed)
     return parsed
+
+
+def _unknown_key_message(config_path: str, key: str, known: Sequence[str]) -> str:
+    """`FILE:LINE: unknown key KEY (did you mean ...?)`: a typo in a YAML config would otherwise train with the default."""
+    line = next(
+        (number for number, text in enumerate(Path(config_path).read_text().splitlines(), 1)
+         if re.match(rf"\s*{re.escape(key)}\s*:", text)),
+        None,
+    )  # fmt: skip
+    close = difflib.get_close_matches(key, known, n=1)
+    where = f"{config_path}:{line}" if line else config_path
+    return f"{where}: unknown key {key}" + (f" (did you mean {close[0]}?)" if close else "")
+
+
+def _check_training_numbers(parsed: Sequence[Any]) -> None:
+    """Counts the Trainer would take and fail on only after the model is built (a batch size of 0 in the sampler, a
+    zero division for gradient accumulation), or quietly reinterpret (`max_steps: 0` trains for num_train_epochs)."""
+    for config in parsed:
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(config, name, None)
+            if value is not None and value < 1:
+                _fail(f"{name}: must be >= 1, got {value}")
+        max_steps = getattr(config, "max_steps", None)
+        if max_steps is not None and max_steps != -1 and max_steps < 1:
+            _fail(f"max_steps: must be >= 1 (or -1 to train for num_train_epochs), got {max_steps}")
+        beta = getattr(config, "beta", None)
+        if beta is not None and not beta > 0:
+            # a negative beta flips the preference: the run would push the model toward the rejected answers
+            _fail(f"beta: must be > 0, got {beta}")
+        output_dir = getattr(config, "output_dir", None)
+        if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
+            _fail(f"output_dir: {output_dir} is a file, not a directory")
 
 
 def _check_reporting(parsed: Sequence[Any]) -> None:
