@@ -84,10 +84,9 @@ class BuildArguments:
                 "0 < min_length_ratio <= max_length_ratio"
             )
         if Path(self.output).is_dir():
-            raise ValueError(f"--output: {self.output} is a directory; give the preference file, e.g. {Path(self.output) / 'pairs.jsonl'}")
+            suggestion = Path(self.output) / "pairs.jsonl"
+            raise ValueError(f"--output: {self.output} is a directory; give the preference file, e.g. {suggestion}")
         self.perturbation_list()
-        if problem := checkpoint_problem(self.model):
-            raise ValueError(f"--model: {problem}")
 
     def perturbation_list(self) -> list[tuple[str, int]]:
         """`perturbations` as (kind, magnitude) pairs; ValueError, before any model is loaded, for one that
@@ -120,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, placement, settings = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
         device, dtype = placement.resolve()
+        if problem := checkpoint_problem(args.model):
+            raise ValueError(f"--model: {problem}")
         if problem := settings.problem():
             raise ValueError(problem)
         records = load_labelled(args.input, video_root=args.video_root)
