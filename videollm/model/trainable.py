@@ -17,6 +17,8 @@ from torch import nn
 from videollm.model.modeling import VideoLLMForConditionalGeneration
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# How each part may train (the recipes' keys are tune_<part>, with the tower named `vision`).
+PART_SETTINGS = {"vision": ("frozen", "full"), "projector": ("full", "frozen"), "llm": ("lora", "full", "frozen")}
 
 
 @dataclass
@@ -34,9 +36,11 @@ class TrainablePolicy:
     )
 
     def __post_init__(self) -> None:
-        for name, allowed in (("vision", ("frozen", "full")), ("projector", ("full", "frozen")), ("llm", ("lora", "full", "frozen"))):
+        for name, allowed in PART_SETTINGS.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {' | '.join(allowed)}")
+        if self.llm == "lora" and self.lora_r < 1:
+            raise ValueError(f"lora_r: must be >= 1, got {self.lora_r}")
 
     def lora_config(self) -> LoraConfig:
         modules_to_save = [name for name, part in (("projector", self.projector), ("vision_tower", self.vision)) if part == "full"]

@@ -516,10 +516,8 @@ class SelfTrainArguments:
         if self.generation_batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("generation_batch_size and eval_batch_size must be >= 1")
         # generate() refuses these only once the seed model is loaded
-        if problem := self.generation().problem(flag=""):
+        if problem := self.generation().problem(flag="") or self.evaluation().problem(flag="eval_"):
             raise ValueError(problem)
-        if self.eval_max_new_tokens < 1:
-            raise ValueError(f"eval_max_new_tokens: must be >= 1, got {self.eval_max_new_tokens}")
         self.synonym_map()
 
     def generation(self) -> GenerationSettings:

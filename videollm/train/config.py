@@ -23,7 +23,7 @@ from videollm.data.robust import BAD_SAMPLE_ACTIONS
 from videollm.data.sampling import SamplingSpec
 from videollm.model.checkpoint import checkpoint_problem
 from videollm.model.configuration import PROJECTOR_TYPES
-from videollm.model.trainable import TrainablePolicy
+from videollm.model.trainable import PART_SETTINGS, TrainablePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +99,9 @@ class ModelArguments:
             raise ValueError(f"projector_type: {self.projector_type!r} is not one of {' | '.join(PROJECTOR_TYPES)}")
         if self.model_name_or_path and (problem := checkpoint_problem(self.model_name_or_path)):
             raise ValueError(f"model_name_or_path: {problem}")
-        for name, allowed in (("tune_vision", ("frozen", "full")), ("tune_projector", ("full", "frozen")),
-                              ("tune_llm", ("lora", "full", "frozen"))):  # fmt: skip
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {' | '.join(allowed)}")
-        if self.tune_llm == "lora" and self.lora_r < 1:
-            raise ValueError(f"lora_r: must be >= 1, got {self.lora_r}")
+        for part, allowed in PART_SETTINGS.items():  # named by the recipe's key, which the policy's own check cannot
+            if getattr(self, f"tune_{part}") not in allowed:
+                raise ValueError(f"tune_{part}: {getattr(self, f'tune_{part}')!r} is not one of {' | '.join(allowed)}")
         self.policy()
 
     def policy(self) -> TrainablePolicy:
